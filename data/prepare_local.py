@@ -1,0 +1,491 @@
+"""Build a small local corpus (tokenizer + shards) that needs no network.
+
+Default source: English text that ships with the running Python itself --
+the `pydoc_data.topics` help pages plus the docstrings of the standard library
+(read with `ast`, never imported: importing some stdlib modules has side
+effects, e.g. `antigravity` opens a browser). Your own text can be used with
+`--text-dir DIR` (every *.txt file, one document each) and/or `--jsonl FILE`
+(one JSON object per line with a "text" field).
+
+Outputs (under --out-root, default: the repo's data/ directory):
+    tokenizers/{name}_1024_bpe.model (+ .vocab)
+    datasets/{name}_sp1024/{name}_train_000000.bin ...
+    datasets/{name}_sp1024/{name}_val_000000.bin ...
+    datasets/{name}_sp1024/manifest.json
+
+The tokenizer follows the challenge spec (SentencePiece BPE, vocab 1024,
+byte fallback, split digits, nmt_nfkc, no dummy prefix, pad/bos/eos/unk =
+0/1/2/3) and is trained on the train documents only. Each document is encoded
+as [BOS] + tokens, no EOS, like the challenge's FineWeb shards.
+
+Reruns are cheap: if manifest.json matches the requested parameters and every
+listed file still has its recorded sha256, the build is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import sys
+import sysconfig
+import time
+import warnings
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # allow `python data/prepare_local.py` from any cwd
+    sys.path.insert(0, str(REPO_ROOT))
+
+from data.shard_io import iter_shard_paths, write_shards  # noqa: E402
+
+DEFAULT_OUT_ROOT = REPO_ROOT / "data"
+MANIFEST_FORMAT = 1
+VOCAB_SIZE = 1024
+BOS_ID = 1
+
+# The challenge's tokenizer spec, plus options that only make training
+# reproducible or keep long lines (they do not change the tokenizer's rules).
+SP_TRAINER_SPEC = {
+    "model_type": "bpe",
+    "vocab_size": VOCAB_SIZE,
+    "byte_fallback": True,
+    "split_digits": True,
+    "normalization_rule_name": "nmt_nfkc",
+    "add_dummy_prefix": False,
+    "character_coverage": 0.999,
+    "pad_id": 0,
+    "bos_id": BOS_ID,
+    "eos_id": 2,
+    "unk_id": 3,
+    # Reproducibility: one thread, every sentence, no sampling/shuffling.
+    "num_threads": 1,
+    "input_sentence_size": 0,
+    "shuffle_input_sentence": False,
+    "max_sentence_length": 1 << 16,
+}
+SP_SEED = 1337
+
+# Directories of the stdlib that hold tests, demos or legacy tooling rather
+# than documentation worth training on.
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib",
+             "lib2to3", "turtledemo", "__pycache__"}
+MIN_MODULE_DOC_CHARS = 200
+SPLIT_BUCKETS = 10_000
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ----------------------------------------------------------------- sources
+
+def harvest_pydoc_topics() -> list[str]:
+    """One document per pydoc help topic, in sorted key order."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics) if topics[key].strip()]
+
+
+_DEFS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _docstrings_in_order(tree: ast.Module) -> list[str]:
+    """Module, class and function docstrings in source order, including defs
+    nested in if/try/with blocks."""
+    found: list[str] = []
+
+    def record(node) -> None:
+        doc = ast.get_docstring(node, clean=True)
+        if doc and doc.strip():
+            found.append(doc.strip())
+
+    def visit(node) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, _DEFS):
+                record(child)
+                visit(child)
+            elif not isinstance(child, ast.expr):  # expressions hold no defs
+                visit(child)
+
+    record(tree)
+    visit(tree)
+    return found
+
+
+def iter_stdlib_sources(stdlib_dir: Path):
+    """Paths of the stdlib's .py files in a deterministic (sorted) order."""
+    for dirpath, dirnames, filenames in os.walk(stdlib_dir):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        for filename in sorted(filenames):
+            if filename.endswith(".py"):
+                yield Path(dirpath) / filename
+
+
+def harvest_stdlib_docstrings(stdlib_dir: Path | None = None) -> list[str]:
+    """One document per stdlib module: its docstrings joined by blank lines."""
+    stdlib_dir = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in iter_stdlib_sources(stdlib_dir):
+        try:
+            source = path.read_bytes()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # invalid escapes etc. in old files
+                tree = ast.parse(source, filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        text = "\n\n".join(_docstrings_in_order(tree))
+        if len(text) >= MIN_MODULE_DOC_CHARS:
+            docs.append(text)
+    return docs
+
+
+def read_text_dir(text_dir: Path) -> list[str]:
+    files = sorted(p for p in Path(text_dir).rglob("*.txt") if p.is_file())
+    if not files:
+        raise SystemExit(f"prepare_local: error: no *.txt files under {text_dir}")
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+def read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                text = obj["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SystemExit(
+                    f"prepare_local: error: {path}:{lineno}: expected a JSON object with a \"text\" field"
+                ) from None
+            if not isinstance(text, str):
+                raise SystemExit(f"prepare_local: error: {path}:{lineno}: \"text\" must be a string")
+            docs.append(text)
+    return docs
+
+
+def default_source_key() -> dict:
+    # The harvest is a pure function of the Python installation, so its version
+    # string identifies it without re-reading 500+ files on every rerun.
+    return {"kind": "python-docs", "python": sys.version, "min_module_doc_chars": MIN_MODULE_DOC_CHARS}
+
+
+def harvest_default() -> tuple[list[str], str]:
+    topics = harvest_pydoc_topics()
+    modules = harvest_stdlib_docstrings()
+    desc = (f"Python {platform.python_version()} documentation: {len(topics)} pydoc topics "
+            f"+ docstrings of {len(modules)} stdlib modules")
+    return topics + modules, desc
+
+
+def read_user_documents(text_dir: Path | None, jsonl: Path | None) -> tuple[list[str], str]:
+    docs, parts = [], []
+    if text_dir is not None:
+        docs += read_text_dir(text_dir)
+        parts.append(f"text files under {Path(text_dir).resolve()}")
+    if jsonl is not None:
+        docs += read_jsonl(jsonl)
+        parts.append(f"JSONL {Path(jsonl).resolve()}")
+    return [d for d in docs if d.strip()], " + ".join(parts)
+
+
+def corpus_sha256(docs: list[str]) -> str:
+    h = hashlib.sha256()
+    for doc in docs:
+        data = doc.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))  # length prefix: no ambiguity at boundaries
+        h.update(data)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ split
+
+def is_val_doc(text: str, val_fraction: float) -> bool:
+    """Stable split: depends only on the document's text, never on order."""
+    bucket = int(hashlib.sha1(text.encode("utf-8")).hexdigest(), 16) % SPLIT_BUCKETS
+    return bucket < round(val_fraction * SPLIT_BUCKETS)
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    train, val = [], []
+    for doc in docs:
+        (val if is_val_doc(doc, val_fraction) else train).append(doc)
+    if not val:
+        raise SystemExit(
+            f"prepare_local: error: the val split is empty ({len(docs)} documents, "
+            f"--val-fraction {val_fraction}); add documents or raise --val-fraction"
+        )
+    if not train:
+        raise SystemExit("prepare_local: error: the train split is empty; lower --val-fraction")
+    return train, val
+
+
+# -------------------------------------------------------------- tokenizer
+
+def _training_sentences(docs: list[str]):
+    # SentencePiece trains on "sentences"; lines keep them short and natural.
+    for doc in docs:
+        for line in doc.splitlines():
+            if line.strip():
+                yield line
+
+
+def train_tokenizer(train_docs: list[str]) -> bytes:
+    """Train the challenge-spec BPE tokenizer; returns the serialized model."""
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(SP_SEED)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_sentences(train_docs),
+            model_writer=model,  # no temp/prefix path ends up inside the model
+            minloglevel=2,
+            **SP_TRAINER_SPEC,
+        )
+    except RuntimeError as e:
+        raise SystemExit(
+            f"prepare_local: error: SentencePiece training failed ({e}); "
+            f"a {VOCAB_SIZE}-piece BPE needs more (and more varied) training text"
+        ) from None
+    return model.getvalue()
+
+
+def vocab_text(sp) -> str:
+    lines = []
+    for i in range(sp.get_piece_size()):
+        score = sp.get_score(i)
+        lines.append(f"{sp.id_to_piece(i)}\t{int(score) if float(score).is_integer() else score}")
+    return "\n".join(lines) + "\n"
+
+
+def encode_documents(sp, docs: list[str]):
+    """Yield one token list per document: [BOS] + ids (no EOS)."""
+    for ids in sp.encode(docs, out_type=int, num_threads=1):
+        yield [BOS_ID] + ids
+
+
+# ------------------------------------------------------------ file helpers
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def output_paths(out_root: Path, name: str) -> dict:
+    dataset_dir = out_root / "datasets" / f"{name}_sp{VOCAB_SIZE}"
+    tok_base = out_root / "tokenizers" / f"{name}_{VOCAB_SIZE}_bpe"
+    return {
+        "dataset_dir": dataset_dir,
+        "manifest": dataset_dir / "manifest.json",
+        "tokenizer": tok_base.with_suffix(".model"),
+        "vocab": tok_base.with_suffix(".vocab"),
+    }
+
+
+# --------------------------------------------------------------- manifest
+
+def requested_params(name: str, val_fraction: float, tokens_per_shard: int, source_key: dict) -> dict:
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": name,
+        "val_fraction": val_fraction,
+        "tokens_per_shard": tokens_per_shard,
+        "tokenizer_spec": SP_TRAINER_SPEC,
+        "tokenizer_seed": SP_SEED,
+        "bos_per_document": True,
+        "eos_per_document": False,
+        "source_key": source_key,
+    }
+
+
+def manifest_is_current(paths: dict, params: dict, out_root: Path) -> dict | None:
+    """Return the existing manifest if it matches `params` and every file it
+    lists is present with the recorded hash (and no stray shards exist)."""
+    try:
+        manifest = json.loads(paths["manifest"].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    # Round-trip through JSON so tuples/floats compare the way they are stored.
+    if manifest.get("params") != json.loads(json.dumps(params)):
+        return None
+    tok = manifest.get("tokenizer", {})
+    tok_path = out_root / tok.get("path", "")
+    if not tok_path.is_file() or sha256_file(tok_path) != tok.get("sha256"):
+        return None
+    for split, info in manifest.get("splits", {}).items():
+        listed = [paths["dataset_dir"] / s["file"] for s in info.get("shards", [])]
+        on_disk = list(iter_shard_paths(paths["dataset_dir"], params["name"], split))
+        if sorted(listed) != on_disk:
+            return None
+        for shard, p in zip(info["shards"], listed):
+            if sha256_file(p) != shard["sha256"]:
+                return None
+    return manifest
+
+
+def split_summary(docs: list[str], shard_paths: list[Path], token_count: int) -> dict:
+    text_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    content_tokens = token_count - len(docs)  # BOS tokens carry no text
+    return {
+        "docs": len(docs),
+        "tokens": token_count,
+        "content_tokens": content_tokens,
+        "text_bytes": text_bytes,
+        "bytes_per_token": round(text_bytes / max(content_tokens, 1), 4),
+        "shards": [
+            {"file": p.name, "tokens": (p.stat().st_size - 1024) // 2, "sha256": sha256_file(p)}
+            for p in shard_paths
+        ],
+    }
+
+
+# ------------------------------------------------------------------- build
+
+def build(out_root: Path, name: str, docs: list[str], description: str, params: dict) -> dict:
+    import sentencepiece as spm
+
+    paths = output_paths(out_root, name)
+    train_docs, val_docs = split_documents(docs, params["val_fraction"])
+
+    # Remove the old manifest first so an interrupted build is never "current".
+    paths["manifest"].unlink(missing_ok=True)
+
+    model_bytes = train_tokenizer(train_docs)
+    write_atomic(paths["tokenizer"], model_bytes)
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    if sp.get_piece_size() != VOCAB_SIZE:
+        raise SystemExit(f"prepare_local: error: tokenizer has {sp.get_piece_size()} pieces, expected {VOCAB_SIZE}")
+    write_atomic(paths["vocab"], vocab_text(sp).encode("utf-8"))
+
+    splits = {}
+    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+        for stale in iter_shard_paths(paths["dataset_dir"], name, split):
+            stale.unlink()
+        token_lists = list(encode_documents(sp, split_docs))
+        shard_paths = write_shards(paths["dataset_dir"], name, split, token_lists,
+                                   tokens_per_shard=params["tokens_per_shard"])
+        splits[split] = split_summary(split_docs, shard_paths, sum(len(t) for t in token_lists))
+
+    manifest = {
+        "created_by": "data/prepare_local.py",
+        "params": params,
+        "source": {"description": description, "corpus_sha256": corpus_sha256(docs),
+                   "docs": len(docs), "text_bytes": sum(s["text_bytes"] for s in splits.values())},
+        "tokenizer": {"path": paths["tokenizer"].relative_to(out_root).as_posix(),
+                      "sha256": hashlib.sha256(model_bytes).hexdigest(),
+                      "vocab_size": VOCAB_SIZE},
+        "dataset_dir": paths["dataset_dir"].relative_to(out_root).as_posix(),
+        "splits": splits,
+    }
+    write_atomic(paths["manifest"], (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return manifest
+
+
+def format_summary(manifest: dict, out_root: Path) -> str:
+    lines = [f"source: {manifest['source']['description']}"]
+    for split in ("train", "val"):
+        s = manifest["splits"][split]
+        lines.append(
+            f"  {split:<5} {s['docs']:>6,} docs  {s['tokens']:>11,} tokens (incl. BOS)  "
+            f"{s['text_bytes']:>12,} text bytes  {s['bytes_per_token']:.3f} bytes/token"
+        )
+    lines.append(f"  text total: {manifest['source']['text_bytes'] / 1e6:.3f} MB "
+                 f"({manifest['source']['text_bytes']:,} bytes, {manifest['source']['docs']:,} docs)")
+    lines.append(f"  tokenizer: {out_root / manifest['tokenizer']['path']}  "
+                 f"(sha256 {manifest['tokenizer']['sha256'][:16]}...)")
+    dataset_dir = out_root / manifest["dataset_dir"]
+    lines.append(f"  dataset:   {dataset_dir}/")
+    for split in ("train", "val"):
+        names = ", ".join(s["file"] for s in manifest["splits"][split]["shards"])
+        lines.append(f"    {split}: {names}")
+    return "\n".join(lines)
+
+
+def run(out_root=None, name: str = "local", text_dir=None, jsonl=None,
+        val_fraction: float = 0.05, tokens_per_shard: int = 100_000_000,
+        force: bool = False, log=print) -> dict:
+    """Build (or confirm) the local corpus. Returns a dict with the manifest,
+    `dataset_dir`, `tokenizer_path` and `up_to_date` (True when skipped)."""
+    start = time.perf_counter()
+    out_root = Path(out_root or DEFAULT_OUT_ROOT).resolve()
+    validate_args(name, val_fraction, tokens_per_shard)
+    paths = output_paths(out_root, name)
+
+    if text_dir is None and jsonl is None:
+        docs, description = None, None  # harvested only if a rebuild is needed
+        source_key = default_source_key()
+    else:
+        docs, description = read_user_documents(text_dir and Path(text_dir), jsonl and Path(jsonl))
+        source_key = {"kind": "user-text", "corpus_sha256": corpus_sha256(docs)}
+    params = requested_params(name, val_fraction, tokens_per_shard, source_key)
+
+    manifest = None if force else manifest_is_current(paths, params, out_root)
+    up_to_date = manifest is not None
+    if not up_to_date:
+        if docs is None:
+            docs, description = harvest_default()
+        manifest = build(out_root, name, docs, description, params)
+    log(("up to date: " if up_to_date else "built: ") + f"{name}_sp{VOCAB_SIZE}")
+    log(format_summary(manifest, out_root))
+    log(f"  time: {time.perf_counter() - start:.1f} s")
+    return {
+        "manifest": manifest,
+        "up_to_date": up_to_date,
+        "dataset_dir": paths["dataset_dir"],
+        "tokenizer_path": paths["tokenizer"],
+    }
+
+
+def validate_args(name: str, val_fraction: float, tokens_per_shard: int) -> None:
+    if not NAME_RE.match(name):
+        raise SystemExit(f"prepare_local: error: --name {name!r} must be letters, digits, '_', '-', '.'")
+    if name == "fineweb":
+        # Would overwrite the real challenge tokenizer data/tokenizers/fineweb_1024_bpe.model.
+        raise SystemExit("prepare_local: error: --name fineweb is reserved for the challenge data")
+    if not 0.0 < val_fraction < 1.0:
+        raise SystemExit("prepare_local: error: --val-fraction must be in (0, 1)")
+    if tokens_per_shard <= 0:
+        raise SystemExit("prepare_local: error: --tokens-per-shard must be positive")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Build a local sp1024 tokenizer + shards with no network "
+                    "(default text: the running Python's own documentation).")
+    p.add_argument("--text-dir", type=Path, help="use every *.txt under DIR (recursive), one document per file")
+    p.add_argument("--jsonl", type=Path, help="use FILE with one JSON object per line holding a \"text\" field")
+    p.add_argument("--name", default="local", help="output name prefix (default: local)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of documents (by text hash) held out for val (default: 0.05)")
+    p.add_argument("--tokens-per-shard", type=int, default=100_000_000,
+                   help="max tokens per shard file (default: 100,000,000)")
+    p.add_argument("--out-root", type=Path, default=DEFAULT_OUT_ROOT,
+                   help="root holding tokenizers/ and datasets/ (default: <repo>/data)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the manifest says up to date")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run(out_root=args.out_root, name=args.name, text_dir=args.text_dir, jsonl=args.jsonl,
+        val_fraction=args.val_fraction, tokens_per_shard=args.tokens_per_shard, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Data pipeline: shard format, local corpus builder, FineWeb downloader (fake hub)."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+import train_gpt
+from data import cached_challenge_fineweb as ccf
+from data import prepare_local
+from data.shard_io import (HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, shard_size_ok,
+                           write_shard, write_shards)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_tokens(path) -> np.ndarray:
+    t = train_gpt.load_data_shard(path)
+    assert t.ndim == 1 and str(t.dtype) == "torch.uint16"
+    return t.numpy().astype(np.int64)
+
+
+# ------------------------------------------------------------ shard format
+
+def test_shard_round_trip_and_exact_layout(tmp_path):
+    tokens = np.array([0, 1, 2, 1023, 65535, 7, 1], dtype=np.int64)
+    path = write_shard(tmp_path / "x_train_000000.bin", tokens)
+    raw = path.read_bytes()
+    assert len(raw) == 1024 + 2 * len(tokens)
+    header = np.frombuffer(raw[:1024], dtype="<i4")
+    assert header[:3].tolist() == [SHARD_MAGIC, SHARD_VERSION, len(tokens)] == [20240520, 1, 7]
+    assert HEADER_INTS == 256 and not header[3:].any()
+    assert np.frombuffer(raw[1024:], dtype="<u2").tolist() == tokens.tolist()
+    assert read_tokens(path).tolist() == tokens.tolist()
+    assert shard_size_ok(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["x_train_000000.bin"]  # no temp file left
+
+
+def test_empty_shard_round_trip(tmp_path):
+    path = write_shard(tmp_path / "e.bin", [])
+    assert path.stat().st_size == 1024
+    assert read_tokens(path).size == 0
+
+
+@pytest.mark.parametrize("bad", [[-1], [65536], [1.5], np.array([[70000]])])
+def test_write_shard_rejects_ids_outside_uint16(tmp_path, bad):
+    with pytest.raises(ValueError):
+        write_shard(tmp_path / "bad.bin", bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_shards_splits_streams_and_names_files(tmp_path):
+    docs = [[1] + list(range(10, 10 + n)) for n in (3, 8, 0, 6)]  # 21 tokens in 4 docs
+    paths = write_shards(tmp_path, "local", "train", iter(docs), tokens_per_shard=10)
+    assert [p.name for p in paths] == ["local_train_000000.bin", "local_train_000001.bin",
+                                       "local_train_000002.bin"]
+    got = [read_tokens(p).tolist() for p in paths]
+    assert [len(g) for g in got] == [10, 10, 1]
+    assert sum(got, []) == sum(docs, [])
+    # A flat array and a stream of single ints give the same files.
+    flat = np.array(sum(docs, []))
+    for i, source in enumerate([flat, (int(x) for x in flat)]):
+        again = write_shards(tmp_path / str(i), "local", "train", source, tokens_per_shard=10)
+        assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]
+    assert write_shards(tmp_path / "none", "local", "val", []) == []
+
+
+def _corrupt(path: Path, kind: str) -> None:
+    raw = bytearray(path.read_bytes())
+    if kind == "bad_magic":
+        raw[0:4] = np.array([12345], dtype="<i4").tobytes()
+    elif kind == "bad_version":
+        raw[4:8] = np.array([2], dtype="<i4").tobytes()
+    elif kind == "shorter_than_header":
+        raw = raw[:100]
+    elif kind == "truncated_tokens":
+        raw = raw[:-2]
+    elif kind == "extra_bytes":
+        raw += b"\x00\x00"
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("kind", ["bad_magic", "bad_version", "shorter_than_header",
+                                  "truncated_tokens", "extra_bytes"])
+def test_corrupt_shard_raises_value_error_naming_the_file(tmp_path, kind):
+    path = write_shard(tmp_path / f"{kind}_val_000000.bin", np.arange(50))
+    _corrupt(path, kind)
+    assert not shard_size_ok(path)
+    with pytest.raises(ValueError) as err:
+        train_gpt.load_data_shard(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "prepare_local" in msg or "cached_challenge_fineweb" in msg  # a fix hint
+
+
+# ----------------------------------------------------------- prepare_local
+
+@pytest.fixture(scope="module")
+def small_docs():
+    """A few hundred varied English documents: the pydoc topics cut into
+    paragraphs groups (deterministic for a given Python)."""
+    docs = []
+    for text in prepare_local.harvest_pydoc_topics():
+        paras = [p for p in text.split("\n\n") if p.strip()]
+        for i in range(0, len(paras), 6):
+            docs.append("\n\n".join(paras[i:i + 6]))
+    assert len(docs) > 200
+    return docs
+
+
+def _write_text_dir(root: Path, docs) -> Path:
+    for i, doc in enumerate(docs):
+        sub = root / f"part{i % 3}"  # nested dirs are read recursively
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"doc_{i:04d}.txt").write_text(doc, encoding="utf-8")
+    return root
+
+
+def _files_in_read_order(text_dir: Path):
+    return [p.read_text(encoding="utf-8") for p in sorted(text_dir.rglob("*.txt"))]
+
+
+def _build(args, capsys):
+    assert prepare_local.main(args) == 0
+    return capsys.readouterr().out
+
+
+def test_prepare_local_text_dir_builds_tokenizer_and_bos_shards(tmp_path, small_docs, capsys):
+    text_dir = _write_text_dir(tmp_path / "text", small_docs)
+    out = tmp_path / "out"
+    args = ["--text-dir", str(text_dir), "--out-root", str(out), "--name", "tiny",
+            "--val-fraction", "0.2", "--tokens-per-shard", "40000"]
+    printed = _build(args, capsys)
+    assert "built: tiny_sp1024" in printed and "bytes/token" in printed
+
+    model = out / "tokenizers" / "tiny_1024_bpe.model"
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert sp.get_piece_size() == 1024
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    assert sp.encode("12", out_type=str) == ["1", "2"]  # split_digits
+    assert "<0xE2>" in sp.encode("\u2603", out_type=str)  # byte fallback for an unseen char
+
+    dataset = out / "datasets" / "tiny_sp1024"
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    docs = _files_in_read_order(text_dir)
+    expected = {"train": [], "val": []}
+    for doc in docs:
+        expected["val" if prepare_local.is_val_doc(doc, 0.2) else "train"].append(doc)
+    assert expected["val"] and expected["train"]
+    for split, split_docs in expected.items():
+        shards = sorted(dataset.glob(f"tiny_{split}_*.bin"))
+        assert [s.name for s in shards] == [s["file"] for s in manifest["splits"][split]["shards"]]
+        stream = np.concatenate([read_tokens(s) for s in shards])
+        want = np.concatenate([[1] + sp.encode(d) for d in split_docs])
+        assert stream.tolist() == want.tolist()  # BOS before each doc, no EOS, doc order kept
+        assert int((stream == 1).sum()) == len(split_docs) == manifest["splits"][split]["docs"]
+        assert not (stream == 2).any()
+        assert manifest["splits"][split]["tokens"] == len(stream)
+    assert len(list(dataset.glob("tiny_train_*.bin"))) > 1  # --tokens-per-shard took effect
+    assert manifest["tokenizer"]["path"] == "tokenizers/tiny_1024_bpe.model"
+
+
+def test_prepare_local_rerun_is_up_to_date_and_rebuild_is_identical(tmp_path, small_docs, capsys):
+    text_dir = _write_text_dir(tmp_path / "text", small_docs)
+    out = tmp_path / "out"
+    args = ["--text-dir", str(text_dir), "--out-root", str(out), "--val-fraction", "0.2"]
+    _build(args, capsys)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+
+    printed = _build(args, capsys)
+    assert printed.startswith("up to date: local_sp1024")
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+
+    # A damaged shard is noticed and the rebuild is byte-identical (deterministic).
+    shard = out / "datasets" / "local_sp1024" / "local_train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2] + b"\xff\xff")
+    assert _build(args, capsys).startswith("built:")
+    assert {p: p.read_bytes() for p in files} == {p: b for p, (b, _) in before.items()}
+
+    assert _build(args + ["--force"], capsys).startswith("built:")
+    # Different parameters are not "up to date".
+    assert _build(args[:-1] + ["0.3"], capsys).startswith("built:")
+
+
+def test_split_depends_only_on_text_not_order(small_docs):
+    train, val = prepare_local.split_documents(small_docs, 0.2)
+    shuffled = list(small_docs)
+    random.Random(0).shuffle(shuffled)
+    train2, val2 = prepare_local.split_documents(shuffled, 0.2)
+    assert sorted(val) == sorted(val2) and sorted(train) == sorted(train2)
+    assert 0.1 < len(val) / len(small_docs) < 0.3
+
+
+def test_prepare_local_jsonl_matches_text_dir_split(tmp_path, small_docs, capsys):
+    jsonl = tmp_path / "docs.jsonl"
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for doc in reversed(small_docs):  # order must not change the split
+            f.write(json.dumps({"text": doc, "id": 0}) + "\n")
+        f.write("\n")  # blank lines are ignored
+    _build(["--jsonl", str(jsonl), "--out-root", str(tmp_path / "a"), "--val-fraction", "0.2"], capsys)
+    _build(["--text-dir", str(_write_text_dir(tmp_path / "t", small_docs)),
+            "--out-root", str(tmp_path / "b"), "--val-fraction", "0.2"], capsys)
+    a, b = (json.loads((tmp_path / r / "datasets/local_sp1024/manifest.json").read_text())
+            for r in "ab")
+    for split in ("train", "val"):
+        assert a["splits"][split]["docs"] == b["splits"][split]["docs"]
+        assert a["splits"][split]["text_bytes"] == b["splits"][split]["text_bytes"]
+
+
+def test_prepare_local_input_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:2"):
+        prepare_local.main(["--jsonl", str(bad), "--out-root", str(tmp_path)])
+
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["alpha doc", "beta doc"]))
+    assert not any(prepare_local.is_val_doc(t, 0.01) for t in ["alpha doc", "beta doc"])
+    with pytest.raises(SystemExit, match="val split is empty"):
+        prepare_local.main(["--jsonl", str(tiny), "--out-root", str(tmp_path), "--val-fraction", "0.01"])
+
+    with pytest.raises(SystemExit, match="reserved"):
+        prepare_local.main(["--name", "fineweb", "--out-root", str(tmp_path)])
+    assert not (tmp_path / "tokenizers").exists()
+
+
+def test_prepare_local_cli_runs_from_any_cwd(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "data" / "prepare_local.py"), "--help"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "--text-dir" in res.stdout and "--out-root" in res.stdout
+
+
+def test_default_local_corpus(local_corpus):
+    dataset_dir, tokenizer_path = local_corpus
+    assert dataset_dir == ROOT / "data" / "datasets" / "local_sp1024"
+    assert tokenizer_path == ROOT / "data" / "tokenizers" / "local_1024_bpe.model"
+    assert spm.SentencePieceProcessor(model_file=str(tokenizer_path)).get_piece_size() == 1024
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    for split in ("train", "val"):
+        tokens = np.concatenate([read_tokens(p) for p in sorted(dataset_dir.glob(f"local_{split}_*.bin"))])
+        assert tokens[0] == 1 and int((tokens == 1).sum()) == manifest["splits"][split]["docs"] > 0
+        assert tokens.max() < 1024
+    assert manifest["splits"]["train"]["tokens"] > 500_000
+
+
+# --------------------------------------------------- cached_challenge_fineweb
+
+class FakeHub:
+    """Stands in for hf_hub_download(local_dir=...): records requests, writes files."""
+
+    def __init__(self, files_train=195, files_val=1):
+        self.calls = []
+        self.manifest = {"datasets": [{"name": "fineweb10B_sp1024",
+                                       "stats": {"files_train": files_train, "files_val": files_val}}]}
+
+    def __call__(self, *, repo_id, filename, repo_type, local_dir, **kw):
+        self.calls.append({"repo_id": repo_id, "filename": filename, "repo_type": repo_type})
+        dest = Path(local_dir) / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if filename.endswith(".bin"):
+            write_shard(dest, np.arange(len(self.calls) + 5))
+        elif filename.endswith("manifest.json"):
+            dest.write_text(json.dumps(self.manifest))
+        else:
+            dest.write_bytes(b"tokenizer:" + filename.encode())
+        return str(dest)
+
+    @property
+    def names(self):
+        return [c["filename"] for c in self.calls]
+
+
+@pytest.fixture
+def hub_env(monkeypatch):
+    monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
+    monkeypatch.delenv("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", raising=False)
+
+
+def test_fetch_requests_exact_remote_files_and_places_them(tmp_path, hub_env):
+    hub = FakeHub()
+    ccf.fetch_all(tmp_path, 3, download=hub, log=lambda *a: None)
+    base = "datasets/datasets/fineweb10B_sp1024"
+    assert hub.names == [
+        "datasets/manifest.json",
+        "datasets/tokenizers/fineweb_1024_bpe.model",
+        "datasets/tokenizers/fineweb_1024_bpe.vocab",
+        f"{base}/fineweb_val_000000.bin",
+        f"{base}/fineweb_train_000000.bin",
+        f"{base}/fineweb_train_000001.bin",
+        f"{base}/fineweb_train_000002.bin",
+    ]
+    assert {c["repo_id"] for c in hub.calls} == {"willdepueoai/parameter-golf"}
+    assert {c["repo_type"] for c in hub.calls} == {"dataset"}
+    ds = tmp_path / "datasets" / "fineweb10B_sp1024"
+    assert sorted(p.name for p in ds.iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin",
+        "fineweb_val_000000.bin"]
+    assert (tmp_path / "tokenizers" / "fineweb_1024_bpe.model").is_file()
+    assert (tmp_path / "manifest.json").is_file()
+    assert read_tokens(ds / "fineweb_train_000002.bin").tolist() == list(range(12))
+    assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == ["fineweb10B_sp1024"]
+
+
+def test_fetch_skips_complete_files_and_refetches_broken_ones(tmp_path, hub_env):
+    ccf.fetch_all(tmp_path, 2, download=FakeHub(), log=lambda *a: None)
+    hub = FakeHub()
+    logs = []
+    ccf.fetch_all(tmp_path, 2, download=hub, log=logs.append)
+    assert hub.calls == [] and sum("skipped" in line for line in logs) == 6
+
+    shard = tmp_path / "datasets" / "fineweb10B_sp1024" / "fineweb_train_000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-4])  # an interrupted download
+    ccf.fetch_all(tmp_path, 3, download=hub, log=lambda *a: None)
+    assert hub.names == ["datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+                         "datasets/datasets/fineweb10B_sp1024/fineweb_train_000002.bin"]
+    assert shard_size_ok(shard)
+
+
+def test_fetch_follows_manifest_env_vars_and_limits(tmp_path, monkeypatch):
+    monkeypatch.setenv("MATCHED_FINEWEB_REPO_ID", "someone/golf-data")
+    monkeypatch.setenv("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "export_v2")
+    hub = FakeHub(files_train=4, files_val=2)
+    ccf.fetch_all(tmp_path, 0, download=hub, log=lambda *a: None)
+    assert {c["repo_id"] for c in hub.calls} == {"someone/golf-data"}
+    assert hub.names[-2:] == ["export_v2/datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+                              "export_v2/datasets/fineweb10B_sp1024/fineweb_val_000001.bin"]
+    assert (tmp_path / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000001.bin").is_file()
+    with pytest.raises(ValueError, match="only 4 train shards"):
+        ccf.fetch_all(tmp_path, 5, download=hub, log=lambda *a: None)
+
+    hub = FakeHub()
+    ccf.fetch_all(tmp_path / "nomanifest", 1, download=hub, use_manifest=False, log=lambda *a: None)
+    assert not any(n.endswith("manifest.json") for n in hub.names) and len(hub.names) == 4
+
+
+def test_unreachable_hub_exits_with_one_line_pointing_to_prepare_local(tmp_path, hub_env, capsys):
+    def offline(**kwargs):
+        raise ConnectionError("[Errno -2] Name or service not known\nwhile requesting HEAD ...")
+
+    with pytest.raises(SystemExit) as exc:
+        ccf.main(["--train-shards", "2", "--out-root", str(tmp_path)], download=offline)
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("\n")
+    assert "unreachable" in err and "python data/prepare_local.py" in err
+    assert "ConnectionError" in err
+    assert not list((tmp_path).rglob("*.bin"))

@@ -1,0 +1,221 @@
+"""Model, optimizer and eval-arithmetic contracts (CPU, deterministic)."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import train_gpt as tg
+
+VOCAB = 96
+
+
+def small_hp(**overrides) -> tg.Hyperparameters:
+    env = {"VOCAB_SIZE": VOCAB, "MODEL_DIM": 48, "NUM_HEADS": 4, "NUM_KV_HEADS": 2, "ROPE_DIMS": 8,
+           "NUM_FLAT_LAYERS": 2, "NUM_CRAWLER_LAYERS": 1, "CRAWLER_LOOPS": 2, "MLP_MULT": 2, "CRAWLER_MLP_MULT": 2,
+           "LOGIT_SOFTCAP": 30, "TRAIN_SEQ_LEN": 16, "TRAIN_BATCH_TOKENS": 64, "ACCUM_SPLITS": 1}
+    env.update(overrides)
+    return tg.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
+
+
+def make_model(seed=0, **overrides) -> tg.CrawlerGPT:
+    torch.manual_seed(seed)
+    model = tg.CrawlerGPT(small_hp(**overrides))
+    for p in model.parameters():  # zero-init projections would hide most of the wiring from the tests
+        if p.ndim == 2 and not p.abs().sum():
+            nn.init.normal_(p, std=0.05)
+    return model
+
+
+def ids(batch=2, seq=16, seed=1):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("flat, crawler, loops, position", [
+    (0, 1, 1, "end"), (2, 1, 2, "end"), (3, 2, 3, "bottleneck"), (4, 0, 1, "end"), (4, 1, 4, "bottleneck")])
+def test_forward_shapes_and_depth(flat, crawler, loops, position):
+    model = make_model(NUM_FLAT_LAYERS=flat, NUM_CRAWLER_LAYERS=crawler, CRAWLER_LOOPS=loops,
+                       CRAWLER_POSITION=position)
+    x = ids()
+    assert model.logits(x).shape == (2, 16, VOCAB)
+    assert model.token_nll(x, x).shape == (2, 16)
+    assert model.hp.effective_depth == flat + crawler * loops
+    calls = []
+    for block in list(model.flat) + list(model.crawler):
+        block.register_forward_hook(lambda *a: calls.append(1))
+    model(x, x)
+    assert len(calls) == flat + crawler * loops
+
+
+def test_crawler_weights_are_shared_not_copied():
+    one, three = make_model(CRAWLER_LOOPS=1), make_model(CRAWLER_LOOPS=3)
+    dim = one.hp.model_dim
+    # Extra loops add only their loop embeddings, never block weights.
+    assert tg.count_unique_params(three) - tg.count_unique_params(one) == 2 * dim
+    block_params = sum(p.numel() for b in list(three.flat) + list(three.crawler) for p in b.parameters())
+    others = three.tok_emb.weight.numel() + three.skip_weights.numel() + three.loop_embed.numel()
+    assert tg.count_unique_params(three) == block_params + others
+
+
+class PerLoopCopies(nn.ModuleList):
+    """Stands in for model.crawler: loop k runs its own untied copy of the blocks."""
+
+    def __init__(self, copies):
+        super().__init__(copies)
+        self.calls = 0
+
+    def __iter__(self):
+        copy_k = super().__getitem__(self.calls % len(self))
+        self.calls += 1
+        return iter(copy_k)
+
+
+def test_shared_gradient_is_the_sum_over_loops():
+    loops = 3
+    tied = make_model(CRAWLER_LOOPS=loops, INST_DIM=4)
+    untied = copy.deepcopy(tied)
+    untied.crawler = PerLoopCopies([copy.deepcopy(tied.crawler) for _ in range(loops)])
+    x = ids()
+    loss_tied, loss_untied = tied(x, x), untied(x, x)
+    torch.testing.assert_close(loss_tied, loss_untied)
+    loss_tied.backward()
+    loss_untied.backward()
+    copies = list(untied.crawler._modules.values())
+    assert untied.crawler.calls == loops
+    for name, p in tied.crawler.named_parameters():
+        summed = sum(dict(c.named_parameters())[name].grad for c in copies)
+        torch.testing.assert_close(p.grad, summed, rtol=1e-4, atol=1e-6)
+        per_loop = [dict(c.named_parameters())[name].grad.abs().sum() for c in copies]
+        if "q_gain" not in name:
+            assert all(g > 0 for g in per_loop), f"{name}: some loop sent no gradient"
+
+
+def test_loop_embeddings_are_orthonormal():
+    model = make_model(CRAWLER_LOOPS=5)
+    rows = model.loop_embed.detach() / model.hp.loop_embed_scale
+    torch.testing.assert_close(rows @ rows.T, torch.eye(5), atol=1e-5, rtol=0)
+
+
+def test_flow_instructions_start_as_identity():
+    plain = make_model(INST_DIM=0)
+    torch.manual_seed(0)
+    flow = tg.CrawlerGPT(small_hp(INST_DIM=8))
+    flow.load_state_dict(plain.state_dict(), strict=False)
+    assert all(not up.weight.abs().sum() for up in flow.inst_up)
+    x = ids()
+    torch.testing.assert_close(flow.logits(x), plain.logits(x))
+    nn.init.normal_(flow.inst_up[1].weight, std=0.1)   # once trained, the instructions matter
+    assert not torch.allclose(flow.logits(x), plain.logits(x))
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"CRAWLER_POSITION": "bottleneck", "INST_DIM": 4}, {"NUM_CRAWLER_LAYERS": 0}, {"ROPE_DIMS": 0, "LN_SCALE": 0}])
+def test_causality(overrides):
+    model = make_model(**overrides)
+    x = ids(batch=1, seq=16)
+    base = model.token_nll(x, x)
+    for t in (0, 5, 14):
+        changed = x.clone()
+        changed[0, t + 1:] = (changed[0, t + 1:] + 7) % VOCAB
+        after = model.token_nll(changed, x)
+        torch.testing.assert_close(after[0, :t + 1], base[0, :t + 1], rtol=0, atol=1e-6)
+        assert not torch.allclose(after[0, t + 1:], base[0, t + 1:])
+
+
+def test_newton_schulz_pushes_singular_values_near_one():
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 3.0
+    s = torch.linalg.svdvals(tg.newton_schulz5(g, 5))
+    assert s.min() > 0.5 and s.max() < 1.5, s
+    s_wide = torch.linalg.svdvals(tg.newton_schulz5(g.T, 5))
+    torch.testing.assert_close(s_wide, s, atol=1e-4, rtol=1e-4)
+
+
+def test_muon_step_maths():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(8, 4))
+    grad = torch.randn(8, 4)
+    start = p.detach().clone()
+    opt = tg.Muon([p], lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.5)
+    p.grad = grad.clone()
+    opt.step()
+    nesterov = grad + 0.9 * grad        # momentum buffer = grad after the first step
+    update = tg.newton_schulz5(nesterov, 5) * math.sqrt(8 / 4)
+    expected = start * (1 - 0.1 * 0.5) - 0.1 * update
+    torch.testing.assert_close(p.detach(), expected)
+
+
+def test_every_parameter_routed_once():
+    model = make_model(INST_DIM=4, NUM_FLAT_LAYERS=3)
+    groups = tg.route_params(model)
+    names = [n for g in groups.values() for n, _ in g]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert all(p.ndim == 2 for _, p in groups["muon"])
+    assert [n for n, _ in groups["embed"]] == ["tok_emb.weight"]
+    assert any(n.startswith("crawler.") for n, _ in groups["muon"])
+    assert "loop_embed" in [n for n, _ in groups["scalar"]]
+    opts = tg.build_optimizers(model, model.hp, tg.DistInfo())
+    assert sum(len(g["params"]) for o in opts for g in o.param_groups) == len(list(model.parameters()))
+
+
+class FakeSP:
+    """A 7-piece vocabulary: <pad> <s> </s> <unk>, a byte piece, '▁ab', 'é'."""
+    pieces = ["<pad>", "<s>", "</s>", "<unk>", "<0x41>", "▁ab", "é"]
+
+    def vocab_size(self):
+        return len(self.pieces)
+
+    def is_control(self, i):
+        return i in (0, 1, 2)
+
+    def is_unknown(self, i):
+        return i == 3
+
+    def is_unused(self, i):
+        return False
+
+    def is_byte(self, i):
+        return i == 4
+
+    def id_to_piece(self, i):
+        return self.pieces[i]
+
+
+def test_byte_luts_and_bpb_by_hand():
+    luts = tg.build_byte_luts(FakeSP(), 8)
+    assert luts.base_bytes.tolist() == [0, 0, 0, 0, 1, 2, 2, 0]
+    # <s> ▁ab é ▁ab <0x41>: '▁ab' after BOS has no space byte; after 'é' it has one.
+    tokens = torch.tensor([1, 5, 6, 5, 4])
+    per_target = tg.target_bytes(tokens[:-1], tokens[1:], luts)
+    assert per_target.tolist() == [2, 2, 3, 1]
+    nll = torch.tensor([1.0, 2.0, 0.5, 0.25])
+    assert tg.bits_per_byte(nll.sum().item(), per_target.sum().item()) == pytest.approx(3.75 / math.log(2) / 8)
+
+
+@pytest.mark.parametrize("num_tokens, seq_len, stride", [
+    (101, 16, 16), (101, 16, 4), (101, 16, 1), (17, 16, 5), (50, 16, 7), (10, 16, 3), (1000, 64, 64)])
+def test_sliding_windows_score_every_target_once(num_tokens, seq_len, stride):
+    seq_len = min(seq_len, num_tokens - 1)
+    counts = torch.zeros(num_tokens - 1, dtype=torch.int64)
+    for start, first in tg.sliding_windows(num_tokens, seq_len, stride):
+        assert 0 <= first < seq_len and start + seq_len <= num_tokens - 1
+        counts[start + first:start + seq_len] += 1
+        if start > 0:   # the scoring window leaves at least seq_len - stride tokens of context
+            assert first >= min(seq_len - stride, first)
+    assert counts.eq(1).all()
+
+
+def test_sliding_eval_with_stride_equal_seq_len_is_plain_eval():
+    model = make_model()
+    tokens = torch.randint(0, VOCAB, (8 * 16 + 1,), generator=torch.Generator().manual_seed(3))
+    luts = tg.build_byte_luts(FakeSP(), VOCAB)
+    luts.base_bytes[:] = 2  # every token 2 bytes, no boundaries, so the bpb is simple
+    luts.is_boundary[:] = False
+    luts.has_space[:] = False
+    loss, bpb = tg.evaluate(model, tokens, luts, 16, 16, 64, tg.DistInfo(), torch.device("cpu"))
+    x, y = tokens[:-1].view(8, 16), tokens[1:].view(8, 16)
+    plain = model.token_nll(x, y).double().mean().item()
+    assert loss == pytest.approx(plain, rel=1e-6)
+    assert bpb == pytest.approx(plain / math.log(2) / 2, rel=1e-6)
+    loss_sliding, _ = tg.evaluate(model, tokens, luts, 16, 4, 64, tg.DistInfo(), torch.device("cpu"))
+    assert loss_sliding != pytest.approx(loss, rel=1e-9)   # more context, a different number
