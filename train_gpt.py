@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import glob
 import io
 import hashlib
@@ -83,6 +84,15 @@ class Hyperparameters:
     logit_softcap: float = knob(30.0, "tanh soft cap on logits (0 = off)", lo=0.0)
     tied_embed_init_std: float = knob(0.005, "std of the tied embedding at init", lo=0.0)
     ln_scale: bool = knob(True, "scale block i's normed input by 1/sqrt(i+1) (i = effective depth)")
+    xsa_last_n: int = knob(-1, "exclusive self attention on the last N blocks of effective depth (-1 = all, 0 = off)", lo=-1)
+    ngram_hash: str = knob("trigram", "hashed n-gram embedding added to the token embedding", choices=("none", "bigram", "trigram"))
+    ngram_buckets: int = knob(4096, "n-gram hash buckets", lo=2)
+    ngram_dim: int = knob(128, "n-gram table width", lo=1)
+    smear_gate: bool = knob(False, "add a gated copy of the previous token's embedding (zero-init, BOS-aware)")
+    ve_dim: int = knob(128, "value-embedding table width (0 = off)", lo=0)
+    ve_layers: str = knob("crawler", "blocks whose attention values get the value embedding: crawler | flat | all | "
+                          "comma list of unique-block indices (flat blocks first)")
+    crawler_cadence: int = knob(1, "all crawler loops fire on every k-th step, one loop otherwise (1 = always)", lo=1)
     # --- training
     iterations: int = knob(20000, "training steps (upper bound; the wallclock cap usually ends first)", lo=0)
     max_wallclock_seconds: float = knob(600.0, "training time cap in seconds (0 = none)", lo=0.0)
@@ -105,6 +115,24 @@ class Hyperparameters:
     beta2: float = knob(0.95, "Adam beta2", lo=0.0, hi=1.0)
     adam_eps: float = knob(1e-8, "Adam epsilon", lo=0.0)
     grad_clip_norm: float = knob(0.3, "global grad-norm clip (0 = off)", lo=0.0)
+    warmdown_frac: float = knob(0.0, "warmdown as a fraction of the run's estimated steps (> 0 overrides WARMDOWN_ITERS)", lo=0.0, hi=1.0)
+    min_lr_scale: float = knob(0.0, "floor of the LR scale in the warmdown", lo=0.0, hi=1.0)
+    ema_decay: float = knob(0.997, "EMA of the weights (0 = off), warmed up as min(decay, (1+t)/(10+t))", lo=0.0, hi=0.999999)
+    swa_every: int = knob(50, "SWA: average the weights every k steps once the LR scale < SWA_START_SCALE (0 = off)", lo=0)
+    swa_start_scale: float = knob(0.2, "LR scale below which SWA collects", lo=0.0, hi=1.0)
+    export_weights: str = knob("ema", "weights that are exported and scored", choices=("raw", "ema", "swa"))
+    late_qat_threshold: float = knob(0.15, "int6 fake quantization (straight-through) once the LR scale < this (0 = off)", lo=0.0, hi=1.0)
+    qat_crawler_only: bool = knob(False, "late QAT on the crawler only, as calibrated uniform noise instead of rounding")
+    replay_batches: int = knob(0, "keep the last K training steps' batches and replay them after the loop (0 = off)", lo=0)
+    replay_epochs: int = knob(2, "passes over the replay buffer", lo=1)
+    replay_lr_scale: float = knob(0.1, "LR multiple during replay", lo=0.0)
+    distill_steps: int = knob(0, "self-distillation steps from the EMA teacher after the loop (0 = off)", lo=0)
+    distill_temperature: float = knob(2.0, "distillation softmax temperature", lo=0.01)
+    distill_alpha: float = knob(0.7, "weight of the distillation KL (1 - alpha on the plain loss)", lo=0.0, hi=1.0)
+    distill_lr_scale: float = knob(0.05, "LR multiple during distillation", lo=0.0)
+    checkpoint_every: int = knob(0, "write a resumable checkpoint every N steps (0 = off)", lo=0)
+    resume: bool = knob(False, "continue RUN_ID from its last checkpoint in ARTIFACT_DIR")
+    dry_run: bool = knob(False, "build the model, print parameters, depth and estimated artifact bytes, then exit")
     # --- evaluation and logging
     val_loss_every: int = knob(1000, "validate every N steps (0 = only at the end)", lo=0)
     val_batch_size: int = knob(524288, "tokens per validation batch, all ranks together", lo=1)
@@ -153,6 +181,11 @@ class Hyperparameters:
                  f"{self.train_batch_tokens} must be a multiple of ACCUM_SPLITS*TRAIN_SEQ_LEN={self.accum_splits * self.train_seq_len}")
         _require(self.max_wallclock_seconds == 0 or self.train_time_cap > 0, "GPTQ_RESERVE_SECONDS",
                  f"{self.gptq_reserve_seconds} leaves no training time in MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds}")
+        _require(self.ema_decay > 0 or (self.export_weights != "ema" and not self.distill_steps), "EMA_DECAY",
+                 "EXPORT_WEIGHTS=ema and DISTILL_STEPS need EMA_DECAY > 0")
+        _require(self.swa_every > 0 or self.export_weights != "swa", "SWA_EVERY", "EXPORT_WEIGHTS=swa needs SWA_EVERY > 0")
+        _require(not self.resume or bool(self.run_id), "RESUME", "RESUME=1 needs the RUN_ID of the run to continue")
+        self.ve_block_ids()  # raises on a malformed VE_LAYERS
         _require(self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"{self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}")
 
     @classmethod
@@ -164,6 +197,26 @@ class Hyperparameters:
     @property
     def effective_depth(self) -> int:
         return self.num_flat_layers + self.num_crawler_layers * self.crawler_loops
+
+    def ve_block_ids(self) -> set[int]:
+        """Unique-block indices (flat blocks first, then crawler blocks) that add value embeddings."""
+        n_flat, n_all = self.num_flat_layers, self.num_flat_layers + self.num_crawler_layers
+        named = {"crawler": range(n_flat, n_all), "flat": range(n_flat), "all": range(n_all)}
+        if self.ve_dim == 0:
+            return set()
+        if self.ve_layers in named:
+            return set(named[self.ve_layers])
+        try:
+            ids = {int(v) for v in self.ve_layers.split(",") if v.strip()}
+        except ValueError:
+            raise HyperparameterError(f"VE_LAYERS={self.ve_layers!r}: expected crawler, flat, all or a comma list of ints") from None
+        _require(all(0 <= i < n_all for i in ids), "VE_LAYERS", f"{sorted(ids)} outside the {n_all} unique blocks")
+        return ids
+
+    @property
+    def post_loop_steps(self) -> float:
+        """Step-equivalents of the work after the loop (replay; distillation adds a teacher forward)."""
+        return self.replay_batches * self.replay_epochs + 1.5 * self.distill_steps
 
     @property
     def train_time_cap(self) -> float:
@@ -221,6 +274,11 @@ FOREIGN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
 RENAMED_KNOBS = {
     "NUM_LAYERS": "NUM_FLAT_LAYERS", "USE_CRAWLER": "NUM_CRAWLER_LAYERS (0 = no crawler)",
     "LOOP_AWARE_GPTQ": "GPTQ_LOOP_AWARE", "SKIP_GPTQ": "QUANT=rtn", "TORCH_COMPILE": "COMPILE",
+    "BIGRAM_VOCAB_SIZE": "NGRAM_HASH=bigram with NGRAM_BUCKETS", "TRIGRAM_VOCAB_SIZE": "NGRAM_HASH=trigram with NGRAM_BUCKETS",
+    "BIGRAM_DIM": "NGRAM_DIM", "TRIGRAM_DIM": "NGRAM_DIM",
+    "TTT_BURST_ENABLED": "REPLAY_BATCHES (> 0 turns replay on: it replays training data, it is not test-time training)",
+    "TTT_BURST_STEPS": "REPLAY_BATCHES", "TTT_BURST_EPOCHS": "REPLAY_EPOCHS", "TTT_BURST_LR_FACTOR": "REPLAY_LR_SCALE",
+    "DISTILL_TEMP": "DISTILL_TEMPERATURE", "CRAWLER_QUANT": "CRAWLER_QUANT_INT8",
 }
 # Prefixes too generic to claim: an unrelated variable may start with them.
 _GENERIC_PREFIXES = {"RUN", "DATA", "LOG", "MODEL", "MAX", "VAL", "TRAIN", "SEED", "COMPILE", "ITERATIONS",
@@ -278,6 +336,12 @@ class DistInfo:
         return self.rank == 0
 
 
+def renamed_table_markdown() -> str:
+    rows = ["| the seeds' scripts | here |", "| --- | --- |"]
+    rows += [f"| `{old}` | `{new}` |" for old, new in sorted(RENAMED_KNOBS.items())]
+    return "\n".join(rows)
+
+
 def knob_table_markdown() -> str:
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for f in sorted(fields(Hyperparameters), key=lambda f: f.name):
@@ -294,11 +358,12 @@ def knob_table_markdown() -> str:
 class Logger:
     """Rank 0 prints and appends to logs/<RUN_ID>.txt; other ranks stay quiet."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, append: bool = False):
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            if not append:
+                path.write_text("")
 
     def __call__(self, msg: str) -> None:
         if self.path is None:
@@ -359,7 +424,9 @@ def device_name(device: torch.device) -> str:
     return f"cpu_{platform.machine()}_{os.cpu_count()}cores"
 
 
+@functools.lru_cache(maxsize=1)
 def code_bytes() -> bytes:
+    """The script as it was when first asked (start-up), even if the file changes during the run."""
     return Path(__file__).read_bytes()
 
 
@@ -415,6 +482,14 @@ class TokenStream:
         self.files, self.file_idx, self.pos = files, 0, 0
         self.tokens = load_data_shard(files[0])
 
+    def position(self) -> tuple[int, int]:
+        return self.file_idx, self.pos
+
+    def seek(self, file_idx: int, pos: int) -> None:
+        if file_idx != self.file_idx:
+            self.tokens = load_data_shard(self.files[file_idx])
+        self.file_idx, self.pos = file_idx, pos
+
     def take(self, n: int) -> Tensor:
         parts = []
         while n > 0:
@@ -453,15 +528,28 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Weights stay fp32 for the optimizer; the matmul runs in the activation dtype."""
+    """Weights stay fp32 for the optimizer; the matmul runs in the activation dtype.
+    qat_bits > 0 puts the weight on its export grid in the forward pass (late QAT)."""
 
     def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False):
         super().__init__(fan_in, fan_out, bias=False)
+        self.qat_bits, self.qat_noise = 0, False
         if zero_init:
             nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = fake_quant(self.weight, self.qat_bits, self.qat_noise) if self.qat_bits else self.weight
+        return F.linear(x, w.to(x.dtype))
+
+
+def fake_quant(w: Tensor, bits: int, noise: bool) -> Tensor:
+    """The export's per-row absmax grid (same fp16 scales). Rounding passes gradients straight
+    through; noise mode adds uniform noise of one quantization step instead (differentiable)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = _row_scales(w.detach().float(), None, qmax).float()[:, None]
+    if noise:
+        return w + (torch.rand_like(w) - 0.5) * scale
+    return w + (torch.round(w.detach() / scale).clamp(-qmax, qmax) * scale - w).detach()
 
 
 class Rotary(nn.Module):
@@ -508,7 +596,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, ve_dim: int = 0):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.q = CastedLinear(dim, heads * self.head_dim)
@@ -517,16 +605,33 @@ class Attention(nn.Module):
         self.proj = CastedLinear(heads * self.head_dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
         self.backend = "sdpa"
+        if ve_dim:
+            self.ve_proj = CastedLinear(ve_dim, kv_heads * self.head_dim, zero_init=True)
+            self.ve_scale = nn.Parameter(torch.ones(1))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], xsa: bool, ve: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q = rms_norm(self.q(x).view(B, T, self.heads, self.head_dim))
         k = rms_norm(self.k(x).view(B, T, self.kv_heads, self.head_dim))
-        v = self.v(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v(x)
+        if ve is not None and hasattr(self, "ve_proj"):
+            v = v + self.ve_scale.to(v.dtype) * self.ve_proj(ve)
+        v = v.view(B, T, self.kv_heads, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v, self.backend)
+        if xsa:
+            y = exclusive(y, v)
         return self.proj(y.reshape(B, T, -1))
+
+
+def exclusive(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: remove from each head's output its component along the token's own value direction.
+    Heads are grouped per KV head, so v is broadcast rather than repeated."""
+    B, T, H, D = y.shape
+    y = y.view(B, T, v.size(2), H // v.size(2), D)
+    v_hat = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
+    return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, H, D)
 
 
 class MLP(nn.Module):
@@ -543,20 +648,65 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, hp: Hyperparameters, mlp_mult: float, leaky_slope: float):
+    def __init__(self, hp: Hyperparameters, mlp_mult: float, leaky_slope: float, ve_dim: int = 0):
         super().__init__()
-        self.attn = Attention(hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init)
+        self.attn = Attention(hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init, ve_dim)
         self.mlp = MLP(hp.model_dim, mlp_mult, hp.mlp_act, leaky_slope)
         self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
         # resid_mix[0] weighs the running stream, resid_mix[1] the embedding x0.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(hp.model_dim), torch.zeros(hp.model_dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], ln_scale: float) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], ln_scale: float, xsa: bool = False,
+                ve: Tensor | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * ln_scale, rope)
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * ln_scale, rope, xsa, ve)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * ln_scale)
+
+
+BOS_ID = 1
+NGRAM_PRIMES = (36313, 27191, 51647)  # one distinct prime per context position: equal tokens never cancel
+
+
+def ngram_buckets(ids: Tensor, order: int, buckets: int, vocab: int) -> Tensor:
+    """Bucket of (t-order+1 .. t) for every position. A context token from another document (across
+    a BOS) or before the sequence start is replaced by `vocab`; with no context at all -> buckets-1."""
+    doc = torch.cumsum(ids == BOS_ID, dim=1)
+    h = ids * NGRAM_PRIMES[0]
+    any_context = torch.zeros_like(ids, dtype=torch.bool)
+    for j in range(1, order):
+        prev = F.pad(ids, (j, 0), value=vocab)[:, :-j]
+        same_doc = F.pad(doc, (j, 0), value=-1)[:, :-j] == doc
+        h = h ^ (torch.where(same_doc, prev, vocab) * NGRAM_PRIMES[j])
+        any_context |= same_doc
+    return torch.where(any_context, h % (buckets - 1), buckets - 1)
+
+
+class NGramHash(nn.Module):
+    def __init__(self, order: int, buckets: int, dim: int, model_dim: int, vocab: int):
+        super().__init__()
+        self.order, self.buckets, self.vocab = order, buckets, vocab
+        self.table = nn.Parameter(torch.randn(buckets, dim) * 0.02)
+        self.proj = CastedLinear(dim, model_dim)
+        self.scale = nn.Parameter(torch.full((1,), 0.05))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.scale * self.proj(self.table[ngram_buckets(ids, self.order, self.buckets, self.vocab)])
+
+
+class SmearGate(nn.Module):
+    """x_t += lam * sigmoid(W x_t[:k]) * x_{t-1}; lam starts at 0; nothing crosses into a new document."""
+
+    def __init__(self, dim: int, k: int = 32):
+        super().__init__()
+        self.k = min(k, dim)
+        self.gate = CastedLinear(self.k, dim)
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        prev = F.pad(x, (0, 0, 1, 0))[:, :-1] * (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
+        return x + self.lam.to(x.dtype) * torch.sigmoid(self.gate(x[..., :self.k])) * prev
 
 
 def orthonormal_rows(n: int, dim: int, seed: int) -> Tensor:
@@ -574,9 +724,19 @@ class CrawlerGPT(nn.Module):
         self.hp = hp
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
-        self.flat = nn.ModuleList(Block(hp, hp.mlp_mult, hp.mlp_leaky_slope) for _ in range(hp.num_flat_layers))
-        self.crawler = nn.ModuleList(Block(hp, hp.crawler_mlp_mult, hp.crawler_mlp_leaky_slope)
-                                     for _ in range(hp.num_crawler_layers))
+        ve = hp.ve_block_ids()
+        self.flat = nn.ModuleList(Block(hp, hp.mlp_mult, hp.mlp_leaky_slope, hp.ve_dim if i in ve else 0)
+                                  for i in range(hp.num_flat_layers))
+        self.crawler = nn.ModuleList(Block(hp, hp.crawler_mlp_mult, hp.crawler_mlp_leaky_slope,
+                                           hp.ve_dim if hp.num_flat_layers + i in ve else 0)
+                                     for i in range(hp.num_crawler_layers))
+        if ve:
+            self.ve_table = nn.Parameter(torch.randn(hp.vocab_size, hp.ve_dim) * 0.02)
+        if hp.ngram_hash != "none":
+            self.ngram = NGramHash(2 if hp.ngram_hash == "bigram" else 3, hp.ngram_buckets, hp.ngram_dim,
+                                   hp.model_dim, hp.vocab_size)
+        if hp.smear_gate:
+            self.smear = SmearGate(hp.model_dim)
         self.num_enc = hp.num_flat_layers // 2
         self.num_skips = min(self.num_enc, hp.num_flat_layers - self.num_enc)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
@@ -589,58 +749,88 @@ class CrawlerGPT(nn.Module):
             nn.init.normal_(self.inst_down.weight, std=0.01)
             self.inst_up = nn.ModuleList(CastedLinear(hp.inst_dim, hp.model_dim, zero_init=True)
                                          for _ in range(hp.crawler_loops))
-        self.depth_scales = self._depth_scales()
-
-    def _depth_scales(self) -> list[float]:
-        return [1.0 / math.sqrt(i + 1) if self.hp.ln_scale else 1.0 for i in range(self.hp.effective_depth)]
+        depth, n_xsa = hp.effective_depth, hp.effective_depth if hp.xsa_last_n < 0 else hp.xsa_last_n
+        self.depth_scales = [1.0 / math.sqrt(i + 1) if hp.ln_scale else 1.0 for i in range(depth)]
+        self.xsa_at = [i >= depth - n_xsa for i in range(depth)]
 
     def set_attention_backend(self, backend: str) -> None:
         for m in self.modules():
             if isinstance(m, Attention):
                 m.backend = backend
 
-    def crawl(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], depth: int) -> tuple[Tensor, int]:
-        for loop in range(self.hp.crawler_loops):
+    def run_block(self, block: Block, x: Tensor, ctx: dict, depth: int) -> Tensor:
+        return block(x, ctx["x0"], ctx["rope"], self.depth_scales[depth], self.xsa_at[depth], ctx["ve"])
+
+    def crawl(self, x: Tensor, ctx: dict, depth: int, loops: int) -> tuple[Tensor, int]:
+        for loop in range(loops):
             step_in = x + self.loop_embed[loop].to(x.dtype)
             if self.hp.inst_dim:
                 step_in = step_in + self.inst_up[loop](self.inst_down(x))
             x = step_in
             for block in self.crawler:
-                x = block(x, x0, rope, self.depth_scales[depth])
+                x = self.run_block(block, x, ctx, depth)
                 depth += 1
         return x, depth
 
-    def hidden(self, ids: Tensor) -> Tensor:
-        x = x0 = rms_norm(self.tok_emb(ids))
-        rope = self.rotary(ids.size(1), ids.device)
+    def embed(self, ids: Tensor) -> Tensor:
+        x = self.tok_emb(ids)
+        if self.hp.ngram_hash != "none":
+            x = x + self.ngram(ids).to(x.dtype)
+        if self.hp.smear_gate:
+            x = self.smear(x, ids)
+        return rms_norm(x)
+
+    def hidden(self, ids: Tensor, loops: int | None = None) -> Tensor:
+        """loops < CRAWLER_LOOPS runs a shortened crawler (the cadence's single-loop steps)."""
+        loops = self.hp.crawler_loops if loops is None else loops
+        x = self.embed(ids)
+        ve = self.ve_table[ids] if hasattr(self, "ve_table") else None
+        ctx = {"x0": x, "rope": self.rotary(ids.size(1), ids.device), "ve": ve}
         skips, depth = [], 0
         for i in range(self.num_enc):
-            x = self.flat[i](x, x0, rope, self.depth_scales[depth])
+            x = self.run_block(self.flat[i], x, ctx, depth)
             skips.append(x)
             depth += 1
         if self.crawler and self.hp.crawler_position == "bottleneck":
-            x, depth = self.crawl(x, x0, rope, depth)
+            x, depth = self.crawl(x, ctx, depth, loops)
         for j, block in enumerate(self.flat[self.num_enc:]):
             if j < self.num_skips:
                 x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = block(x, x0, rope, self.depth_scales[depth])
+            x = self.run_block(block, x, ctx, depth)
             depth += 1
         if self.crawler and self.hp.crawler_position == "end":
-            x, depth = self.crawl(x, x0, rope, depth)
+            x, depth = self.crawl(x, ctx, depth, loops)
         return rms_norm(x)
 
-    def logits(self, ids: Tensor) -> Tensor:
-        logits = F.linear(self.hidden(ids), self.tok_emb.weight).float()
+    def logits(self, ids: Tensor, loops: int | None = None) -> Tensor:
+        logits = F.linear(self.hidden(ids, loops), self.tok_emb.weight).float()
         cap = self.hp.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
-    def token_nll(self, ids: Tensor, targets: Tensor) -> Tensor:
-        logits = self.logits(ids)
+    def token_nll(self, ids: Tensor, targets: Tensor, loops: int | None = None) -> Tensor:
+        logits = self.logits(ids, loops)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
-    def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False) -> Tensor:
-        nll = self.token_nll(ids, targets)
-        return nll if per_token else nll.mean()
+    def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False, loops: int | None = None,
+                teacher_logits: Tensor | None = None) -> Tensor:
+        """Mean loss (per-token NLL with per_token). With teacher_logits: the self-distillation loss
+        alpha * T^2 * KL(teacher || student at temperature T) + (1 - alpha) * NLL. One entry point,
+        so a compiled or DDP-wrapped model serves training, evaluation and distillation."""
+        if teacher_logits is None:
+            nll = self.token_nll(ids, targets, loops)
+            return nll if per_token else nll.mean()
+        logits, temp, alpha = self.logits(ids), self.hp.distill_temperature, self.hp.distill_alpha
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        kl = F.kl_div(F.log_softmax(logits / temp, -1), F.log_softmax(teacher_logits.float() / temp, -1),
+                      log_target=True, reduction="none").sum(-1).mean()
+        return alpha * temp * temp * kl + (1 - alpha) * nll
+
+    def set_qat(self, bits_flat: int, bits_crawler: int, crawler_noise: bool) -> None:
+        for name, m in self.named_modules():
+            if isinstance(m, CastedLinear):
+                on_crawler = name.startswith(CRAWLER_PREFIXES)
+                m.qat_bits = bits_crawler if on_crawler else bits_flat
+                m.qat_noise = crawler_noise and on_crawler
 
 
 def count_unique_params(model: nn.Module) -> int:
@@ -706,13 +896,17 @@ class Muon(torch.optim.Optimizer):
         return g * max(1.0, p.size(0) / p.size(1)) ** 0.5
 
 
+EMBED_TABLES = ("tok_emb.weight", "ngram.table", "ve_table")
+ADAM_MATRICES = ("loop_embed", "skip_weights", "resid_mix")   # 2-D, but per-channel gains, not maps
+
+
 def route_params(model: CrawlerGPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Block and instruction matrices -> Muon; the embedding -> its own Adam; the rest -> scalar Adam."""
+    """Weight matrices -> Muon; embedding tables -> their own Adam; gains and vectors -> scalar Adam."""
     groups: dict[str, list] = {"muon": [], "embed": [], "scalar": []}
     for name, p in model.named_parameters():
-        if name == "tok_emb.weight":
+        if name in EMBED_TABLES:
             groups["embed"].append((name, p))
-        elif p.ndim == 2 and name.startswith(("flat.", "crawler.", "inst_")):
+        elif p.ndim == 2 and not name.endswith(ADAM_MATRICES):
             groups["muon"].append((name, p))
         else:
             groups["scalar"].append((name, p))
@@ -1160,13 +1354,11 @@ CRAWLER_PREFIXES = ("crawler.", "inst_")
 
 
 def storage_kind(name: str, tensor: Tensor, hp: Hyperparameters) -> str:
-    if name == "tok_emb.weight":
+    if name in EMBED_TABLES:
         return hp.embed_quant
-    if tensor.ndim == 2 and name.startswith(CRAWLER_PREFIXES):
-        return "int8" if hp.crawler_quant_int8 else "int6"
-    if tensor.ndim == 2 and name.startswith("flat."):
-        return "int6"
-    return "fp32" if any(p in name for p in CONTROL_PATTERNS) else "fp16"
+    if any(p in name for p in CONTROL_PATTERNS) or tensor.ndim != 2:
+        return "fp32" if any(p in name for p in CONTROL_PATTERNS) else "fp16"
+    return "int8" if hp.crawler_quant_int8 and name.startswith(CRAWLER_PREFIXES) else "int6"
 
 
 @torch.no_grad()
@@ -1212,7 +1404,7 @@ def quantize_model_(model: CrawlerGPT, hp: Hyperparameters, quant: str, batches:
     late = {n for n in quantized if n.startswith(CRAWLER_PREFIXES)} if quant == "gptq" and loop_aware(hp) else set()
     entries, cost = {}, {}
     for phase in (set(quantized) - late, late):
-        hessians = collect_hessians(model, batches, {n for n in phase if n != "tok_emb.weight"}, dinfo) \
+        hessians = collect_hessians(model, batches, {n for n in phase if n not in EMBED_TABLES}, dinfo) \
             if quant == "gptq" and phase else {}
         for name in sorted(phase):
             p, bits = params[name], QUANT_KINDS[kinds[name]]
@@ -1374,20 +1566,61 @@ def autocast(device: torch.device):
 # ============================================================================
 
 
-def lr_scale(hp: Hyperparameters, step: int, elapsed_s: float) -> float:
-    """1 until the last WARMDOWN_ITERS steps, then linear to 0. The steps left are estimated from both
-    ITERATIONS and the wallclock cap at the current step rate, whichever ends first."""
-    if hp.warmdown_iters <= 0:
-        return 1.0
-    steps_left = hp.iterations - step
+def steps_left(hp: Hyperparameters, step: int, elapsed_s: float) -> float:
+    """Main-loop steps still to run: bounded by ITERATIONS and by the wallclock cap at the current
+    step rate, after keeping time for the post-loop phases (replay, distillation)."""
+    left = hp.iterations - step
     if hp.train_time_cap > 0 and step > 0:
-        steps_left = min(steps_left, (hp.train_time_cap - elapsed_s) / (elapsed_s / step))
-    return max(0.0, min(1.0, steps_left / hp.warmdown_iters))
+        left = min(left, (hp.train_time_cap - elapsed_s) / (elapsed_s / step) - hp.post_loop_steps)
+    return left
+
+
+def lr_scale(hp: Hyperparameters, step: int, elapsed_s: float) -> float:
+    """1, then a linear warmdown to MIN_LR_SCALE over the last WARMDOWN_ITERS (or WARMDOWN_FRAC) steps."""
+    left = steps_left(hp, step, elapsed_s)
+    warmdown = hp.warmdown_frac * (step + left) if hp.warmdown_frac else hp.warmdown_iters
+    if warmdown <= 0:
+        return 1.0
+    return max(hp.min_lr_scale, min(1.0, left / warmdown))
 
 
 def muon_momentum(hp: Hyperparameters, step: int) -> float:
     frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * hp.muon_momentum_warmup_start + frac * hp.muon_momentum
+
+
+class WeightAverages:
+    """EMA (warmed up so short runs are not dragged back to the init) and SWA snapshots."""
+
+    def __init__(self, model: nn.Module, hp: Hyperparameters):
+        self.hp, self.updates, self.swa_count = hp, 0, 0
+        self.ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if hp.ema_decay else {}
+        self.swa = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in model.state_dict().items()} if hp.swa_every else {}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int, scale: float) -> None:
+        self.updates += 1
+        decay = min(self.hp.ema_decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if self.ema:
+                self.ema[k].lerp_(v.float(), 1 - decay)
+            if self.swa and scale < self.hp.swa_start_scale and step % self.hp.swa_every == 0:
+                self.swa[k] += v.float()
+        if self.swa and scale < self.hp.swa_start_scale and step % self.hp.swa_every == 0:
+            self.swa_count += 1
+
+    def weights(self, which: str) -> dict[str, Tensor] | None:
+        if which == "ema":
+            return self.ema
+        if which == "swa" and self.swa_count:
+            return {k: v / self.swa_count for k, v in self.swa.items()}
+        return None
+
+    def state(self) -> dict:
+        return {"ema": self.ema, "swa": self.swa, "swa_count": self.swa_count, "updates": self.updates}
+
+    def load(self, state: dict) -> None:
+        self.ema, self.swa, self.swa_count, self.updates = state["ema"], state["swa"], state["swa_count"], state["updates"]
 
 
 @dataclass
@@ -1400,94 +1633,202 @@ class Trainer:
     optimizers: list
     loader: DistributedTokenLoader
     log: Logger
+    checkpoint_path: Path
+
+    def __post_init__(self):
+        self.averages = WeightAverages(self.model, self.hp)
+        self.replay: list[list[tuple[Tensor, Tensor]]] = []
+        self.step, self.train_s, self.qat_on = 0, 0.0, False
 
     @property
     def accum_steps(self) -> int:
         return self.hp.accum_splits // self.dinfo.world_size
 
-    def train_step(self, step: int, elapsed_s: float) -> float:
-        hp, micro_tokens = self.hp, self.hp.train_batch_tokens // self.hp.accum_splits
+    def next_batches(self) -> list[tuple[Tensor, Tensor]]:
+        micro = self.hp.train_batch_tokens // self.hp.accum_splits
+        return [self.loader.next_batch(micro, self.hp.train_seq_len) for _ in range(self.accum_steps)]
+
+    def train_step(self, batches: list[tuple[Tensor, Tensor]], lr_mult: float, momentum: float,
+                   loops: int | None = None, teacher: nn.Module | None = None) -> float:
         total = torch.zeros((), device=self.device)
-        for micro in range(self.accum_steps):
-            x, y = self.loader.next_batch(micro_tokens, hp.train_seq_len)
+        for micro, (x, y) in enumerate(batches):
             if isinstance(self.step_model, nn.parallel.DistributedDataParallel):
-                self.step_model.require_backward_grad_sync = micro == self.accum_steps - 1
+                self.step_model.require_backward_grad_sync = micro == len(batches) - 1
             with autocast(self.device):
-                loss = self.step_model(x, y)
-            (loss / self.accum_steps).backward()
+                if teacher is None:
+                    loss = self.step_model(x, y, loops=loops)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher.logits(x)
+                    loss = self.step_model(x, y, teacher_logits=teacher_logits)
+            (loss / len(batches)).backward()
             total += loss.detach()
-        scale = lr_scale(hp, step, elapsed_s)
         for opt in self.optimizers:
             for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * scale
+                g["lr"] = g["base_lr"] * lr_mult
                 if isinstance(opt, Muon):
-                    g["momentum"] = muon_momentum(hp, step)
-        if hp.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip_norm)
+                    g["momentum"] = momentum
+        if self.hp.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hp.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
         if self.dinfo.distributed:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total.item() / (self.accum_steps * self.dinfo.world_size)
+        loss = total.item() / (len(batches) * self.dinfo.world_size)
+        if not math.isfinite(loss):
+            saved = str(self.checkpoint_path) if self.checkpoint_path.exists() else "none (CHECKPOINT_EVERY=0)"
+            raise FloatingPointError(f"non-finite train loss {loss} at step {self.step + 1}; last good checkpoint: "
+                                     f"{saved}; nothing was exported. Lower the LRs or GRAD_CLIP_NORM")
+        return loss
+
+    def loops_for(self, step: int) -> int:
+        cadence = self.hp.crawler_cadence
+        return self.hp.crawler_loops if cadence == 1 or step % cadence == 0 else 1
+
+    def set_qat(self, scale: float) -> None:
+        """Late QAT switches on once, when the LR scale first drops below the threshold."""
+        if self.qat_on or not (self.hp.late_qat_threshold and scale < self.hp.late_qat_threshold):
+            return
+        self.qat_on = True
+        crawler_bits = 8 if self.hp.crawler_quant_int8 else 6
+        if self.hp.qat_crawler_only:
+            self.model.set_qat(0, crawler_bits, crawler_noise=True)
+        else:
+            self.model.set_qat(6, crawler_bits, crawler_noise=False)
+        self.log.kv(late_qat="on", step=self.step, lr_scale=f"{scale:.3f}", crawler_only=int(self.hp.qat_crawler_only))
 
     def prime_compile(self) -> None:
         """Run WARMUP_STEPS real steps so compilation happens off the clock, then undo them."""
         if not (self.hp.warmup_steps and self.hp.use_compile(self.device)):
             self.log("warmup:skipped (compile off)")
             return
-        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        model_state = _clone_state(self.model.state_dict())
         opt_states = [_clone_state(opt.state_dict()) for opt in self.optimizers]
-        stream_state = (self.loader.stream.file_idx, self.loader.stream.pos)
+        stream_state = self.loader.stream.position()
         t0 = time.perf_counter()
         for s in range(self.hp.warmup_steps):
-            self.train_step(s, 0.0)
+            self.train_step(self.next_batches(), 1.0, muon_momentum(self.hp, 0), self.loops_for(s))
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, opt_states):
             opt.load_state_dict(state)
-        self.loader.stream.file_idx, self.loader.stream.pos = stream_state
-        self.loader.stream.tokens = load_data_shard(self.loader.stream.files[stream_state[0]])
+        self.loader.stream.seek(*stream_state)
         self.log(f"warmup:done steps:{self.hp.warmup_steps} seconds:{time.perf_counter() - t0:.1f}")
 
-    def wallclock_reached(self, elapsed_s: float) -> bool:
+    def time_is_up(self) -> bool:
         """All ranks agree, so none waits in a collective the others skipped."""
         if self.hp.train_time_cap <= 0:
             return False
-        flag = torch.tensor(float(elapsed_s >= self.hp.train_time_cap), device=self.device)
+        flag = torch.tensor(float(steps_left(self.hp, self.step, self.train_s) <= 0), device=self.device)
         if self.dinfo.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def validate(self, val_tokens: Tensor, luts: ByteLUTs, full: bool) -> dict:
+        hp = self.hp
+        check = val_tokens if full or not hp.val_max_tokens else val_tokens[: hp.val_max_tokens + 1]
+        loss, bpb = evaluate(self.model, check, luts, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
+                             self.dinfo, self.device)
+        self.log.kv(step=self.step, val_loss=loss, val_bpb=bpb, train_time=f"{self.train_s:.1f}s")
+        return {"val_loss": loss, "val_bpb": bpb}
+
     def run(self, val_tokens: Tensor, luts: ByteLUTs) -> dict:
         hp, log = self.hp, self.log
-        tokens_per_step = hp.train_batch_tokens
-        step, train_s, last = 0, 0.0, {}
         t0 = time.perf_counter()
         while True:
-            done = step >= hp.iterations or self.wallclock_reached(train_s)
-            if done or (hp.val_loss_every and step % hp.val_loss_every == 0):
-                train_s += time.perf_counter() - t0
-                check = val_tokens[: hp.val_max_tokens + 1] if hp.val_max_tokens and not done else val_tokens
-                loss, bpb = evaluate(self.model, check, luts, hp.train_seq_len, hp.train_seq_len,
-                                     hp.val_batch_size, self.dinfo, self.device)
-                log.kv(step=step, val_loss=loss, val_bpb=bpb, train_time=f"{train_s:.1f}s")
-                last = {"val_loss": loss, "val_bpb": bpb}
+            done = self.step >= hp.iterations or self.time_is_up()
+            if done or (hp.val_loss_every and self.step % hp.val_loss_every == 0):
+                self.train_s += time.perf_counter() - t0
+                self.validate(val_tokens, luts, full=done)
                 t0 = time.perf_counter()
             if done:
                 break
-            loss = self.train_step(step, train_s + time.perf_counter() - t0)
-            step += 1
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite train loss {loss} at step {step}; lower the LRs")
-            if step % hp.train_log_every == 0 or step == 1:
-                elapsed = train_s + time.perf_counter() - t0
-                step_ms = 1000 * elapsed / step
-                eta = min((hp.iterations - step) * step_ms / 1000,
-                          max(hp.train_time_cap - elapsed, 0) if hp.train_time_cap else math.inf)
-                log.kv(step=f"{step}/{hp.iterations}", train_loss=f"{loss:.4f}", lr_scale=f"{lr_scale(hp, step, elapsed):.3f}",
-                       tok_s=f"{tokens_per_step * step / elapsed:.0f}", step_avg=f"{step_ms:.1f}ms", eta=f"{eta:.0f}s")
-        train_s += time.perf_counter() - t0
-        return {"steps": step, "train_seconds": train_s, **last}
+            elapsed = self.train_s + time.perf_counter() - t0
+            scale = lr_scale(hp, self.step, elapsed)
+            self.set_qat(scale)
+            batches = self.next_batches()
+            if hp.replay_batches:
+                self.replay = (self.replay + [[(x.cpu(), y.cpu()) for x, y in batches]])[-hp.replay_batches:]
+            loss = self.train_step(batches, scale, muon_momentum(hp, self.step), self.loops_for(self.step))
+            self.step += 1
+            self.averages.update(self.model, self.step, scale)
+            if self.step % hp.train_log_every == 0 or self.step == 1:
+                elapsed = self.train_s + time.perf_counter() - t0
+                step_ms = 1000 * elapsed / self.step
+                eta = max(0.0, min(hp.iterations - self.step, steps_left(hp, self.step, elapsed))) * step_ms / 1000
+                log.kv(step=f"{self.step}/{hp.iterations}", train_loss=f"{loss:.5f}", lr_scale=f"{scale:.3f}",
+                       tok_s=f"{hp.train_batch_tokens * self.step / elapsed:.0f}", step_avg=f"{step_ms:.1f}ms", eta=f"{eta:.0f}s")
+            if hp.checkpoint_every and self.step % hp.checkpoint_every == 0:
+                self.train_s += time.perf_counter() - t0
+                self.save_checkpoint()
+                t0 = time.perf_counter()
+        self.train_s += time.perf_counter() - t0
+        main_seconds = self.train_s
+        self.post_loop()
+        return {"steps": self.step, "train_seconds": self.train_s, "main_loop_seconds": main_seconds}
+
+    def post_loop(self) -> None:
+        """Replay, then distillation from the EMA teacher: each timed, each counted in the budget."""
+        hp, t0 = self.hp, time.perf_counter()
+        for epoch in range(hp.replay_epochs if self.replay else 0):
+            for stored in self.replay:
+                batches = [(x.to(self.device), y.to(self.device)) for x, y in stored]
+                loss = self.train_step(batches, hp.replay_lr_scale, hp.muon_momentum)
+                self.averages.update(self.model, self.step, 0.0)
+            self.log.kv(replay_epoch=epoch + 1, batches=len(self.replay), train_loss=f"{loss:.5f}")
+        replay_s = time.perf_counter() - t0
+        if hp.distill_steps:
+            teacher = copy.deepcopy(self.model).eval()
+            teacher.load_state_dict(self.averages.weights("ema"))
+            for _ in range(hp.distill_steps):
+                loss = self.train_step(self.next_batches(), hp.distill_lr_scale, hp.muon_momentum, teacher=teacher)
+                self.averages.update(self.model, self.step, 0.0)   # the EMA follows the distilled student
+            self.log.kv(distill_steps=hp.distill_steps, distill_loss=f"{loss:.5f}")
+            del teacher
+        self.train_s += time.perf_counter() - t0
+        self.log.kv(replay_seconds=f"{replay_s:.1f}", distill_seconds=f"{time.perf_counter() - t0 - replay_s:.1f}")
+
+    def use_export_weights(self) -> str:
+        """Load the weights chosen by EXPORT_WEIGHTS into the model; returns what was loaded."""
+        weights = self.averages.weights(self.hp.export_weights)
+        if weights is None:
+            self.log(f"export_weights:raw (no {self.hp.export_weights} snapshots were taken)")
+            return "raw"
+        self.model.load_state_dict({k: v.to(self.model.state_dict()[k].dtype) for k, v in weights.items()})
+        return self.hp.export_weights
+
+    def save_checkpoint(self) -> None:
+        """Each rank writes its own file (Muon's momentum lives on the rank that owns the matrix)."""
+        state = {"step": self.step, "train_seconds": self.train_s, "model": self.model.state_dict(),
+                 "optimizers": [o.state_dict() for o in self.optimizers], "averages": self.averages.state(),
+                 "stream": torch.tensor(self.loader.stream.position()), "qat_on": self.qat_on,
+                 "replay": [[(x, y) for x, y in b] for b in self.replay], "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        path = self.checkpoint_path.with_suffix(f".r{self.dinfo.rank}.ckpt")
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        self.log.kv(checkpoint=str(path), step=self.step)
+
+    def resume(self) -> None:
+        path = self.checkpoint_path.with_suffix(f".r{self.dinfo.rank}.ckpt")
+        if not path.exists():
+            raise FileNotFoundError(f"RESUME: no checkpoint {path} (was CHECKPOINT_EVERY set for this RUN_ID?)")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        for opt, st in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(st)
+        self.averages.load(state["averages"])
+        self.loader.stream.seek(*state["stream"].tolist())
+        self.replay = [[(x, y) for x, y in b] for b in state["replay"]]
+        self.step, self.train_s = state["step"], state["train_seconds"]
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        if state["qat_on"]:
+            self.set_qat(0.0)
+        self.log.kv(resumed_from=str(path), step=self.step, train_seconds=f"{self.train_s:.1f}")
 
 
 def _clone_state(state: Any) -> Any:
@@ -1511,6 +1852,8 @@ def setup_distributed(dinfo: DistInfo) -> torch.device:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        # Ranks sharing a CPU split its cores: oversubscribed OpenMP threads spin and crawl.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dinfo.world_size))
     if dinfo.distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
@@ -1632,11 +1975,13 @@ def check_cap(hp: Hyperparameters, sizes: dict, log: Logger) -> None:
 def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
     run_id = make_run_id(hp, dinfo)
     log_path = Path(hp.log_dir) / f"{run_id}.txt"
-    log = Logger(log_path if dinfo.master else None)
+    log = Logger(log_path if dinfo.master else None, append=hp.resume)
     log_startup(log, hp, dinfo, device)
     timer = PhaseTimer()
     torch.manual_seed(hp.seed)  # identical init on every rank
     np.random.seed(hp.seed)
+    if hp.dry_run:
+        return dry_run(hp, log)
     with timer.phase("checks"):
         data = preflight(hp, dinfo, device)
     log.kv(train_shards=len(data.train_files), val_tokens=data.val_tokens.numel(), attention=data.backend,
@@ -1649,15 +1994,24 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
     log.kv(unique_params=count_unique_params(model), effective_depth=hp.effective_depth,
            flat=hp.num_flat_layers, crawler=f"{hp.num_crawler_layers}x{hp.crawler_loops}")
     step_model: nn.Module = torch.compile(model, dynamic=False) if hp.use_compile(device) else model
-    if dinfo.distributed:
+    if dinfo.distributed:  # single-loop cadence steps leave later loops' parameters unused
         step_model = nn.parallel.DistributedDataParallel(
-            step_model, device_ids=[dinfo.local_rank] if device.type == "cuda" else None)
+            step_model, device_ids=[dinfo.local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=hp.crawler_cadence > 1)
     log.kv(compile=int(hp.use_compile(device)), accum_steps=hp.accum_splits // dinfo.world_size)
     loader = DistributedTokenLoader(data.train_files, dinfo, device)
-    trainer = Trainer(hp, dinfo, device, model, step_model, build_optimizers(model, hp, dinfo), loader, log)
+    trainer = Trainer(hp, dinfo, device, model, step_model, build_optimizers(model, hp, dinfo), loader, log,
+                      Path(hp.artifact_dir) / f"{run_id}.ckpt")
     with timer.phase("train"):
-        trainer.prime_compile()
+        if hp.resume:
+            trainer.resume()
+        else:
+            trainer.prime_compile()
         result = trainer.run(data.val_tokens, data.luts)
+        exported = trainer.use_export_weights()
+        if exported != "raw":
+            result.update(trainer.validate(data.val_tokens, data.luts, full=True))
+    log.kv(export_weights=exported, pre_quant_val_bpb=f"{result['val_bpb']:.6f}")
     if device.type == "cuda":
         log.kv(peak_memory_mib=torch.cuda.max_memory_allocated() // 2**20)
     with timer.phase("calibration"):
@@ -1687,6 +2041,35 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
            "artifact": str(artifact)}
     if dinfo.master:
         out["records"] = str(write_records(hp, out, log_path, artifact))
+    return out
+
+
+def estimate_artifact_bytes(model: CrawlerGPT, hp: Hyperparameters) -> int:
+    """RTN-quantize a random-weight copy and pack it with the chosen compressor. Zero-init output
+    projections get a Gaussian spread first; trained weights usually compress somewhat better."""
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in probe.parameters():
+            if p.ndim == 2 and not p.abs().any():
+                nn.init.normal_(p, std=p.size(1) ** -0.5)
+    entries, _ = quantize_model_(probe, hp, "rtn", [], DistInfo())
+    return len(pack_artifact(entries, artifact_meta(hp), hp.compressor, compressor_level(hp), hp.byte_shuffle,
+                             int6_bitpack=hp.int6_bitpack))
+
+
+def dry_run(hp: Hyperparameters, log: Logger) -> dict:
+    t0 = time.perf_counter()
+    model = CrawlerGPT(hp)
+    by_kind: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        by_kind[storage_kind(name, p, hp)] = by_kind.get(storage_kind(name, p, hp), 0) + p.numel()
+    model_bytes = estimate_artifact_bytes(model, hp)
+    out = {"unique_params": count_unique_params(model), "effective_depth": hp.effective_depth,
+           "bytes_model_estimate": model_bytes, "bytes_code": len(code_bytes())}
+    out["bytes_total_estimate"] = model_bytes + out["bytes_code"]
+    log.kv(dry_run=1, **out, params_by_kind=",".join(f"{k}={v}" for k, v in sorted(by_kind.items())),
+           cap=hp.size_limit, headroom=hp.size_limit - out["bytes_total_estimate"],
+           estimate="random_weights_rtn", seconds=f"{time.perf_counter() - t0:.1f}")
     return out
 
 
@@ -1747,3 +2130,6 @@ if __name__ == "__main__":
     except ArtifactTooLarge as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(3)
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(4)

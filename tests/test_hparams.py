@@ -38,6 +38,14 @@ def test_defaults_are_valid_and_env_overrides_types():
     ({"CRAWLER_LOPS": "2"}, "CRAWLER_LOPS"),
     ({"CRAWLER_FOO": "1"}, "CRAWLER_FOO"),                       # our prefix, no such knob
     ({"NUM_LAYERS": "9"}, "NUM_FLAT_LAYERS"),                    # the seeds' name: points to ours
+    ({"TRIGRAM_VOCAB_SIZE": "8192"}, "NGRAM_HASH=trigram"),
+    ({"TTT_BURST_EPOCHS": "2"}, "REPLAY_EPOCHS"),
+    ({"VE_LAYERS": "crawlers"}, "VE_LAYERS"),
+    ({"VE_LAYERS": "0,9"}, "VE_LAYERS"),
+    ({"EMA_DECAY": "0"}, "EMA_DECAY"),                           # EXPORT_WEIGHTS=ema needs an EMA
+    ({"EXPORT_WEIGHTS": "swa", "SWA_EVERY": "0"}, "SWA_EVERY"),
+    ({"RESUME": "1"}, "RESUME"),                                  # needs an explicit RUN_ID
+    ({"GPTQ_RESERVE_SECONDS": "600"}, "GPTQ_RESERVE_SECONDS"),
 ])
 def test_bad_values_name_the_variable(env, var):
     with pytest.raises(tg.HyperparameterError, match=var):
@@ -58,10 +66,12 @@ def test_unrelated_environment_is_accepted():
 
 
 def test_readme_documents_every_knob():
+    import readme_tables
     readme = (ROOT / "README.md").read_text()
-    missing = [k for k in tg.knob_names() if f"`{k}`" not in readme]
-    assert not missing, f"README knob table lacks {missing}; regenerate it with tg.knob_table_markdown()"
-    assert tg.knob_table_markdown() in readme, "README knob table is stale; paste tg.knob_table_markdown()"
+    missing = [k for k in tg.knob_names() if f"| `{k}` |" not in readme]
+    assert not missing, f"README knob table lacks {missing}; run python tests/readme_tables.py"
+    assert readme_tables.render(readme) == readme, "README tables are stale; run python tests/readme_tables.py"
+    assert all(f"| `{old}` |" in readme for old in tg.RENAMED_KNOBS)
 
 
 def test_cli_rejects_typo_before_doing_anything(tmp_path):

@@ -14,7 +14,9 @@ VOCAB = 96
 def small_hp(**overrides) -> tg.Hyperparameters:
     env = {"VOCAB_SIZE": VOCAB, "MODEL_DIM": 48, "NUM_HEADS": 4, "NUM_KV_HEADS": 2, "ROPE_DIMS": 8,
            "NUM_FLAT_LAYERS": 2, "NUM_CRAWLER_LAYERS": 1, "CRAWLER_LOOPS": 2, "MLP_MULT": 2, "CRAWLER_MLP_MULT": 2,
-           "LOGIT_SOFTCAP": 30, "TRAIN_SEQ_LEN": 16, "TRAIN_BATCH_TOKENS": 64, "ACCUM_SPLITS": 1}
+           "LOGIT_SOFTCAP": 30, "TRAIN_SEQ_LEN": 16, "TRAIN_BATCH_TOKENS": 64, "ACCUM_SPLITS": 1,
+           # the bare architecture; the training-stack features have their own tests
+           "NGRAM_HASH": "none", "VE_DIM": 0, "XSA_LAST_N": 0}
     env.update(overrides)
     return tg.Hyperparameters.from_env({k: str(v) for k, v in env.items()})
 

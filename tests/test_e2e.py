@@ -1,0 +1,105 @@
+"""End to end on the bundled corpus: a tiny run, EVAL_ONLY, the cap, and a 2-process torchrun."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_gpt as tg
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "NUM_FLAT_LAYERS": "2",
+        "NUM_CRAWLER_LAYERS": "1", "CRAWLER_LOOPS": "2", "ROPE_DIMS": "8", "TRAIN_SEQ_LEN": "128",
+        "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "32", "TRAIN_BATCH_TOKENS": "4096", "ACCUM_SPLITS": "2",
+        "WARMDOWN_ITERS": "30", "MUON_MOMENTUM_WARMUP_STEPS": "20", "VAL_BATCH_SIZE": "32768",
+        "TRAIN_LOG_EVERY": "1", "GPTQ_CALIB_BATCHES": "2", "MAX_WALLCLOCK_SECONDS": "0", "COMPRESSOR": "zstd"}
+
+
+def tiny_env(corpus, tmp_path, **overrides):
+    dataset_dir, tokenizer = corpus
+    env = {**TINY, "DATA_PATH": str(dataset_dir), "TOKENIZER_PATH": str(tokenizer), "LOG_DIR": str(tmp_path / "logs"),
+           "ARTIFACT_DIR": str(tmp_path / "artifacts"), "RECORDS_DIR": str(tmp_path / "records")}
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env
+
+
+def log_values(path: Path, key: str) -> list[float]:
+    return [float(m) for m in re.findall(rf"(?:^| ){key}:([-0-9.e]+)", path.read_text(), flags=re.M)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(local_corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    env = tiny_env(local_corpus, tmp, ITERATIONS=60, VAL_LOSS_EVERY=30, RUN_ID="tiny")
+    return tg.main(env), tmp, env
+
+
+def test_tiny_run_learns_and_reports(tiny_run):
+    out, tmp, _ = tiny_run
+    log = tmp / "logs" / "tiny.txt"
+    val_bpb = [float(v) for v in re.findall(r"^step:\d+ val_loss:\S+ val_bpb:([0-9.]+)", log.read_text(), flags=re.M)]
+    assert len(val_bpb) >= 3 and val_bpb[-1] < val_bpb[0] - 0.5, val_bpb   # steps 0, 30, 60 (+ EMA weights)
+    unigram = log_values(log, "unigram_val_bpb")[0]
+    assert out["val_bpb"] < unigram, (out["val_bpb"], unigram)
+    last = log.read_text().strip().splitlines()[-1]
+    assert re.fullmatch(r"final val_bpb:[0-9.]+ val_loss:[0-9.]+ bytes_total:\d+ bytes_code:\d+ bytes_model:\d+", last)
+    assert "hp MODEL_DIM=64" in log.read_text() and "torch:" in log.read_text()
+    for key in ("pre_quant_val_bpb", "rtn_val_bpb", "post_quant_val_bpb", "quant_gap"):
+        assert log_values(log, key), key
+
+
+def test_size_accounting_matches_the_files(tiny_run):
+    out, tmp, _ = tiny_run
+    assert out["bytes_model"] == Path(out["artifact"]).stat().st_size
+    assert out["bytes_code"] == (ROOT / "train_gpt.py").stat().st_size
+    assert out["bytes_total"] == out["bytes_code"] + out["bytes_model"]
+
+
+def test_records_folder_has_the_upstream_layout(tiny_run):
+    out, _, _ = tiny_run
+    folder = Path(out["records"])
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "submission.json", "train.log", "train_gpt.py"]
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["val_bpb"] == out["val_bpb"] and sub["bytes_total"] == out["bytes_total"]
+    assert len(sub["artifact_sha256"]) == 64
+    assert (folder / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+
+
+def test_eval_only_reproduces_the_score(tiny_run):
+    out, tmp, env = tiny_run
+    again = tg.main({**env, "EVAL_ONLY": out["artifact"], "RUN_ID": "evalonly"})
+    assert again["val_bpb"] == pytest.approx(out["val_bpb"], abs=1e-9)
+    assert again["bytes_model"] == out["bytes_model"]
+
+
+def test_over_the_cap_fails_loudly_or_prunes(tiny_run, local_corpus, tmp_path):
+    out, _, _ = tiny_run
+    with pytest.raises(tg.ArtifactTooLarge, match="over the cap by"):
+        tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=5, VAL_LOSS_EVERY=0, SIZE_LIMIT=out["bytes_code"] + 1000))
+    cap = out["bytes_total"] - 2000
+    pruned = tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=60, VAL_LOSS_EVERY=0, SIZE_LIMIT=cap,
+                              SIZE_TARGET="prune", RUN_ID="pruned"))
+    assert pruned["bytes_total"] <= cap
+    assert log_values(tmp_path / "logs" / "pruned.txt", "prune_values_zeroed")[0] > 0
+
+
+def test_torchrun_two_processes_match_one(local_corpus, tmp_path):
+    """ACCUM_SPLITS=2: one process does 2 micro-batches, two processes do 1 each: the same step."""
+    env = {**os.environ, **tiny_env(local_corpus, tmp_path, ITERATIONS=3, VAL_LOSS_EVERY=0, QUANT="rtn",
+                                    QUANT_COMPARE=0), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], env={**env, "RUN_ID": "one"},
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train_gpt.py")], env={**env, "RUN_ID": "two"},
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    log_one, log_two = (tmp_path / "logs" / "one.txt"), (tmp_path / "logs" / "two.txt")
+    assert "world_size:2" in log_two.read_text()
+    loss_one, loss_two = log_values(log_one, "train_loss"), log_values(log_two, "train_loss")
+    assert len(loss_one) == len(loss_two) == 3
+    assert loss_one == pytest.approx(loss_two, abs=2e-4)
+    assert log_values(log_one, "final val_bpb")[0] == pytest.approx(log_values(log_two, "final val_bpb")[0], abs=2e-3)
