@@ -692,7 +692,7 @@ class NGramHash(nn.Module):
         self.scale = nn.Parameter(torch.full((1,), 0.05))
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.scale * self.proj(self.table[ngram_buckets(ids, self.order, self.buckets, self.vocab)])
+        return self.scale * self.proj(F.embedding(ngram_buckets(ids, self.order, self.buckets, self.vocab), self.table))
 
 
 class SmearGate(nn.Module):
@@ -784,7 +784,7 @@ class CrawlerGPT(nn.Module):
         """loops < CRAWLER_LOOPS runs a shortened crawler (the cadence's single-loop steps)."""
         loops = self.hp.crawler_loops if loops is None else loops
         x = self.embed(ids)
-        ve = self.ve_table[ids] if hasattr(self, "ve_table") else None
+        ve = F.embedding(ids, self.ve_table) if hasattr(self, "ve_table") else None  # deterministic backward
         ctx = {"x0": x, "rope": self.rotary(ids.size(1), ids.device), "ve": ve}
         skips, depth = [], 0
         for i in range(self.num_enc):
@@ -1677,7 +1677,7 @@ class Trainer:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         loss = total.item() / (len(batches) * self.dinfo.world_size)
         if not math.isfinite(loss):
-            saved = str(self.checkpoint_path) if self.checkpoint_path.exists() else "none (CHECKPOINT_EVERY=0)"
+            saved = str(self.rank_checkpoint) if self.rank_checkpoint.exists() else "none yet"
             raise FloatingPointError(f"non-finite train loss {loss} at step {self.step + 1}; last good checkpoint: "
                                      f"{saved}; nothing was exported. Lower the LRs or GRAD_CLIP_NORM")
         return loss
@@ -1805,14 +1805,18 @@ class Trainer:
                  "replay": [[(x, y) for x, y in b] for b in self.replay], "rng_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        path = self.checkpoint_path.with_suffix(f".r{self.dinfo.rank}.ckpt")
+        path = self.rank_checkpoint
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
         self.log.kv(checkpoint=str(path), step=self.step)
 
+    @property
+    def rank_checkpoint(self) -> Path:
+        return self.checkpoint_path.with_suffix(f".r{self.dinfo.rank}.ckpt")
+
     def resume(self) -> None:
-        path = self.checkpoint_path.with_suffix(f".r{self.dinfo.rank}.ckpt")
+        path = self.rank_checkpoint
         if not path.exists():
             raise FileNotFoundError(f"RESUME: no checkpoint {path} (was CHECKPOINT_EVERY set for this RUN_ID?)")
         state = torch.load(path, map_location=self.device, weights_only=True)
@@ -1853,7 +1857,7 @@ def setup_distributed(dinfo: DistInfo) -> torch.device:
     else:
         device = torch.device("cpu")
         # Ranks sharing a CPU split its cores: oversubscribed OpenMP threads spin and crawl.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dinfo.world_size))
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // dinfo.world_size)))
     if dinfo.distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device

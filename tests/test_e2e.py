@@ -103,3 +103,77 @@ def test_torchrun_two_processes_match_one(local_corpus, tmp_path):
     assert len(loss_one) == len(loss_two) == 3
     assert loss_one == pytest.approx(loss_two, abs=2e-4)
     assert log_values(log_one, "final val_bpb")[0] == pytest.approx(log_values(log_two, "final val_bpb")[0], abs=2e-3)
+
+
+def train_losses(path: Path) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"^step:(\d+)/\d+ train_loss:([0-9.]+)", path.read_text(), flags=re.M)}
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(local_corpus, tmp_path, monkeypatch):
+    base = tiny_env(local_corpus, tmp_path, ITERATIONS=12, VAL_LOSS_EVERY=0, CHECKPOINT_EVERY=5, QUANT="rtn",
+                    QUANT_COMPARE=0, WARMDOWN_ITERS=6, REPLAY_BATCHES=3, REPLAY_EPOCHS=1, DISTILL_STEPS=2)
+    full = tg.main({**base, "RUN_ID": "full"})
+    real_step, calls = tg.Trainer.train_step, {"n": 0}
+
+    def dies_after_seven(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 7:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(tg.Trainer, "train_step", dies_after_seven)
+    with pytest.raises(KeyboardInterrupt):
+        tg.main({**base, "RUN_ID": "killed"})
+    monkeypatch.setattr(tg.Trainer, "train_step", real_step)
+    resumed = tg.main({**base, "RUN_ID": "killed", "RESUME": "1"})
+    full_losses, resumed_losses = train_losses(tmp_path / "logs" / "full.txt"), train_losses(tmp_path / "logs" / "killed.txt")
+    assert "resumed_from" in (tmp_path / "logs" / "killed.txt").read_text()
+    assert resumed_losses[12] == full_losses[12]
+    assert resumed["val_bpb"] == full["val_bpb"]
+
+
+def test_replay_and_distillation_change_the_result(local_corpus, tmp_path):
+    base = tiny_env(local_corpus, tmp_path, ITERATIONS=10, VAL_LOSS_EVERY=0, QUANT="rtn", QUANT_COMPARE=0)
+    plain = tg.main({**base, "RUN_ID": "plain"})
+    replay = tg.main({**base, "RUN_ID": "replay", "REPLAY_BATCHES": "2", "REPLAY_EPOCHS": "2"})
+    distill = tg.main({**base, "RUN_ID": "distill", "DISTILL_STEPS": "2"})
+    assert len({plain["pre_quant_val_bpb"], replay["pre_quant_val_bpb"], distill["pre_quant_val_bpb"]}) == 3
+    assert "replay_epoch:2 batches:2" in (tmp_path / "logs" / "replay.txt").read_text()
+    assert "distill_steps:2" in (tmp_path / "logs" / "distill.txt").read_text()
+
+
+def test_non_finite_loss_stops_at_once_and_exports_nothing(local_corpus, tmp_path, monkeypatch):
+    real_forward, calls = tg.CrawlerGPT.forward, {"n": 0}
+
+    def goes_nan_on_step_four(self, *args, **kwargs):
+        out = real_forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+        return out * float("nan") if self.training and calls["n"] >= 8 else out   # 2 micro-batches a step
+    monkeypatch.setattr(tg.CrawlerGPT, "forward", goes_nan_on_step_four)
+    env = tiny_env(local_corpus, tmp_path, ITERATIONS=20, VAL_LOSS_EVERY=0, CHECKPOINT_EVERY=2, RUN_ID="nan")
+    with pytest.raises(FloatingPointError, match=r"step 4;.*nan\.r0\.ckpt"):
+        tg.main(env)
+    assert not list((tmp_path / "artifacts").glob("*.ptz"))
+
+
+def test_preflight_errors_name_the_problem(local_corpus, tmp_path):
+    env = tiny_env(local_corpus, tmp_path)
+    hp = tg.Hyperparameters.from_env(env)
+    cpu = tg.torch.device("cpu")
+    with pytest.raises(tg.HyperparameterError, match="ACCUM_SPLITS"):
+        tg.preflight(hp, tg.DistInfo(rank=0, world_size=3), cpu)
+    with pytest.raises(FileNotFoundError, match="TRAIN_FILES"):
+        tg.preflight(tg.Hyperparameters.from_env({**env, "DATA_PATH": str(tmp_path)}), tg.DistInfo(), cpu)
+    with pytest.raises(tg.HyperparameterError, match="EVAL_SEQ_LEN"):
+        tg.preflight(tg.Hyperparameters.from_env({**env, "EVAL_SEQ_LEN": "100000"}), tg.DistInfo(), cpu)
+    with pytest.raises(tg.HyperparameterError, match="TRAIN_BATCH_TOKENS"):
+        tg.preflight(tg.Hyperparameters.from_env({**env, "TRAIN_BATCH_TOKENS": str(2**24)}), tg.DistInfo(), cpu)
+    with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH"):
+        tg.preflight(tg.Hyperparameters.from_env({**env, "TOKENIZER_PATH": str(tmp_path / "nope.model")}), tg.DistInfo(), cpu)
+
+
+def test_dry_run_estimates_without_data(tmp_path):
+    out = tg.main({**TINY, "DRY_RUN": "1", "LOG_DIR": str(tmp_path), "RUN_ID": "dry", "DATA_PATH": str(tmp_path / "none")})
+    assert out["effective_depth"] == 4 and out["unique_params"] > 0
+    assert 0 < out["bytes_model_estimate"] < out["unique_params"] * 2
+    assert "dry_run:1" in (tmp_path / "dry.txt").read_text()
