@@ -144,7 +144,8 @@ class Hyperparameters:
     # --- export
     quant: str = knob("gptq", "quantizer of the block matrices", choices=("rtn", "gptq"))
     quant_clip: str = knob("absmax", "per-row clip of the quantizer", choices=("absmax", "std", "search"))
-    quant_compare: bool = knob(True, "with QUANT=gptq also score an RTN copy (plain eval) to log the gap")
+    quant_compare: bool = knob(False, "also score the other export variants (RTN, one-pass and loop-aware GPTQ) from the "
+                               "same weights (plain eval) and log the bytes under every compressor")
     gptq_damp: float = knob(0.01, "GPTQ damping, relative to the mean Hessian diagonal", lo=0.0)
     gptq_block_size: int = knob(128, "GPTQ columns per lazy-update block", lo=1)
     gptq_act_order: bool = knob(True, "GPTQ column order: descending Hessian diagonal (else natural)")
@@ -159,7 +160,7 @@ class Hyperparameters:
     byte_shuffle: bool = knob(True, "store multi-byte floats byte-plane by byte-plane (compresses better)")
     int6_bitpack: bool = knob(False, "store int6 as 4 values in 3 bytes (measured: compresses worse than 1 byte each)")
     size_limit: int = knob(16_000_000, "cap on code + model bytes", lo=1)
-    size_target: str = knob("none", "over the cap: fail (none), or zero the cheapest +-1 values until it fits (prune)",
+    size_target: str = knob("prune", "over the cap: zero the cheapest +-1 values until it fits (prune), or fail (none)",
                             choices=("none", "prune"))
     artifact_dir: str = knob("artifacts", "folder for <RUN_ID>.ptz")
     records_dir: str = knob("records", "folder for records/<date>_<RUN_ID>/")
@@ -1418,7 +1419,9 @@ def quantize_model_(model: CrawlerGPT, hp: Hyperparameters, quant: str, batches:
             p.copy_(dequantize_rows(q, scale).to(p))
     for name, p in params.items():
         if kinds[name] in FLOAT_KINDS:
-            entries[name] = {"kind": kinds[name], "shape": list(p.shape), "data": p.detach().cpu().to(FLOAT_KINDS[kinds[name]])}
+            stored = p.detach().to(FLOAT_KINDS[kinds[name]])
+            p.copy_(stored.to(p.dtype))          # the model now holds exactly what the artifact holds
+            entries[name] = {"kind": kinds[name], "shape": list(p.shape), "data": stored.cpu()}
     return entries, cost
 
 
@@ -1789,7 +1792,9 @@ class Trainer:
         self.log.kv(replay_seconds=f"{replay_s:.1f}", distill_seconds=f"{time.perf_counter() - t0 - replay_s:.1f}")
 
     def use_export_weights(self) -> str:
-        """Load the weights chosen by EXPORT_WEIGHTS into the model; returns what was loaded."""
+        """Load the weights chosen by EXPORT_WEIGHTS into the model; returns what was loaded.
+        Fake quantization goes off: from here on the export's own grid is the only one."""
+        self.model.set_qat(0, 0, crawler_noise=False)
         weights = self.averages.weights(self.hp.export_weights)
         if weights is None:
             self.log(f"export_weights:raw (no {self.hp.export_weights} snapshots were taken)")
@@ -1969,6 +1974,28 @@ def export(model: CrawlerGPT, hp: Hyperparameters, batches: list[Tensor], dinfo:
     return sizes
 
 
+EXPORT_VARIANTS = {"rtn": ("rtn", "0"), "gptq_plain": ("gptq", "0"), "gptq_loop_aware": ("gptq", "1")}
+
+
+def compare_exports(model: CrawlerGPT, hp: Hyperparameters, batches: list[Tensor], data: RunData,
+                    dinfo: DistInfo, device: torch.device, log: Logger) -> dict:
+    """Every export variant from the same trained weights (so the gaps carry no training noise),
+    and the main variant's bytes under every compressor."""
+    figures, calib = {}, batches or calibration_batches(DistributedTokenLoader(data.train_files, dinfo, device), hp, dinfo)
+    for label, (quant, loop_aware_knob) in EXPORT_VARIANTS.items():
+        if label == "gptq_plain" and not hp.num_crawler_layers:
+            continue
+        variant_hp = dataclasses.replace(hp, quant=quant, gptq_loop_aware=loop_aware_knob)
+        copy_model = copy.deepcopy(model)
+        entries, _ = quantize_model_(copy_model, variant_hp, quant, calib, dinfo)
+        figures[f"{label}_val_bpb"] = score(copy_model, hp, data, hp.eval_seq_len, dinfo, device, log, label)[1]
+        if label == ("rtn" if hp.quant == "rtn" else "gptq_loop_aware" if loop_aware(hp) else "gptq_plain") and dinfo.master:
+            for compressor in COMPRESSOR_IDS:
+                packed = pack_artifact(entries, artifact_meta(hp), compressor, None, hp.byte_shuffle, int6_bitpack=hp.int6_bitpack)
+                log.kv(compare_compressor=compressor, bytes_model=len(packed), int6_bitpack=int(hp.int6_bitpack))
+    return figures
+
+
 def check_cap(hp: Hyperparameters, sizes: dict, log: Logger) -> None:
     over = sizes["bytes_total"] - hp.size_limit
     if over > 0:
@@ -2013,7 +2040,7 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
             trainer.prime_compile()
         result = trainer.run(data.val_tokens, data.luts)
         exported = trainer.use_export_weights()
-        if exported != "raw":
+        if exported != "raw" or trainer.qat_on:
             result.update(trainer.validate(data.val_tokens, data.luts, full=True))
     log.kv(export_weights=exported, pre_quant_val_bpb=f"{result['val_bpb']:.6f}")
     if device.type == "cuda":
@@ -2028,11 +2055,8 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
     check_cap(hp, sizes, log)
     with timer.phase("eval"):
         figures = {"pre_quant_val_bpb": result["val_bpb"]}
-        if hp.quant == "gptq" and hp.quant_compare:
-            rtn_model = copy.deepcopy(model)
-            quantize_model_(rtn_model, hp, "rtn", [], dinfo)
-            figures["rtn_val_bpb"] = score(rtn_model, hp, data, hp.eval_seq_len, dinfo, device, log, "rtn")[1]
-            del rtn_model
+        if hp.quant_compare:
+            figures.update(compare_exports(model, hp, batches, data, dinfo, device, log))
         fresh = eval_model_for(load_artifact(artifact), hp, data, device)
         figures["post_quant_val_bpb"] = score(fresh, hp, data, hp.eval_seq_len, dinfo, device, log, "post_quant")[1]
         val_loss, val_bpb = score(fresh, hp, data, hp.eval_stride, dinfo, device, log, "sliding")

@@ -33,7 +33,7 @@ def log_values(path: Path, key: str) -> list[float]:
 @pytest.fixture(scope="module")
 def tiny_run(local_corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
-    env = tiny_env(local_corpus, tmp, ITERATIONS=60, VAL_LOSS_EVERY=30, RUN_ID="tiny")
+    env = tiny_env(local_corpus, tmp, ITERATIONS=60, VAL_LOSS_EVERY=30, RUN_ID="tiny", QUANT_COMPARE=1)
     return tg.main(env), tmp, env
 
 
@@ -47,8 +47,12 @@ def test_tiny_run_learns_and_reports(tiny_run):
     last = log.read_text().strip().splitlines()[-1]
     assert re.fullmatch(r"final val_bpb:[0-9.]+ val_loss:[0-9.]+ bytes_total:\d+ bytes_code:\d+ bytes_model:\d+", last)
     assert "hp MODEL_DIM=64" in log.read_text() and "torch:" in log.read_text()
-    for key in ("pre_quant_val_bpb", "rtn_val_bpb", "post_quant_val_bpb", "quant_gap"):
+    for key in ("pre_quant_val_bpb", "rtn_val_bpb", "gptq_plain_val_bpb", "gptq_loop_aware_val_bpb",
+                "post_quant_val_bpb", "quant_gap"):
         assert log_values(log, key), key
+    # the loop-aware variant compared in-run is exactly the exported artifact
+    assert log_values(log, "gptq_loop_aware_val_bpb")[0] == pytest.approx(log_values(log, "post_quant_val_bpb")[0], abs=1e-6)
+    assert len(re.findall(r"compare_compressor:(zstd|brotli|lzma) bytes_model:\d+", log.read_text())) == 3
 
 
 def test_size_accounting_matches_the_files(tiny_run):
@@ -78,7 +82,8 @@ def test_eval_only_reproduces_the_score(tiny_run):
 def test_over_the_cap_fails_loudly_or_prunes(tiny_run, local_corpus, tmp_path):
     out, _, _ = tiny_run
     with pytest.raises(tg.ArtifactTooLarge, match="over the cap by"):
-        tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=5, VAL_LOSS_EVERY=0, SIZE_LIMIT=out["bytes_code"] + 1000))
+        tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=5, VAL_LOSS_EVERY=0, SIZE_TARGET="none",
+                         SIZE_LIMIT=out["bytes_code"] + 1000))
     cap = out["bytes_total"] - 2000
     pruned = tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=60, VAL_LOSS_EVERY=0, SIZE_LIMIT=cap,
                               SIZE_TARGET="prune", RUN_ID="pruned"))
