@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
+case "${DRY_RUN:-0}" in
+  1|true|yes|on)
+    echo "run.sh: DRY_RUN: the production config's parameters, depth and estimated artifact bytes"
+    exec $PY train_gpt.py ;;
+esac
+
 gpus=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 if [ "$gpus" -gt 0 ]; then
   echo "run.sh: $gpus CUDA device(s): production config under torchrun on FineWeb sp1024"

@@ -182,3 +182,13 @@ def test_dry_run_estimates_without_data(tmp_path):
     assert out["effective_depth"] == 4 and out["unique_params"] > 0
     assert 0 < out["bytes_model_estimate"] < out["unique_params"] * 2
     assert "dry_run:1" in (tmp_path / "dry.txt").read_text()
+
+
+def test_wallclock_cap_holds_with_time_kept_for_calibration(local_corpus, tmp_path):
+    """Training stops so that training + GPTQ reserve + replay fit MAX_WALLCLOCK_SECONDS."""
+    out = tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=8, GPTQ_RESERVE_SECONDS=3,
+                           VAL_LOSS_EVERY=0, REPLAY_BATCHES=2, REPLAY_EPOCHS=1, RUN_ID="capped"))
+    step_s = out["main_loop_seconds"] / out["steps"]
+    assert out["main_loop_seconds"] <= 5 + 2 * step_s          # the 8 s cap less the 3 s GPTQ reserve
+    assert out["train_seconds"] <= 5 + 4 * step_s               # replay's 2 steps were kept back too
+    assert 3 < out["steps"] < 100_000
