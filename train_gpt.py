@@ -1736,13 +1736,13 @@ class Trainer:
         return {"val_loss": loss, "val_bpb": bpb}
 
     def run(self, val_tokens: Tensor, luts: ByteLUTs) -> dict:
-        hp, log = self.hp, self.log
+        hp, log, last_val = self.hp, self.log, {}
         t0 = time.perf_counter()
         while True:
             done = self.step >= hp.iterations or self.time_is_up(self.train_s + time.perf_counter() - t0)
             if done or (hp.val_loss_every and self.step % hp.val_loss_every == 0):
                 self.train_s += time.perf_counter() - t0
-                self.validate(val_tokens, luts, full=done)
+                last_val = self.validate(val_tokens, luts, full=done)
                 t0 = time.perf_counter()
             if done:
                 break
@@ -1768,7 +1768,7 @@ class Trainer:
         self.train_s += time.perf_counter() - t0
         main_seconds = self.train_s
         self.post_loop()
-        return {"steps": self.step, "train_seconds": self.train_s, "main_loop_seconds": main_seconds}
+        return {"steps": self.step, "train_seconds": self.train_s, "main_loop_seconds": main_seconds, **last_val}
 
     def post_loop(self) -> None:
         """Replay, then distillation from the EMA teacher: each timed, each counted in the budget."""
@@ -1795,6 +1795,8 @@ class Trainer:
         """Load the weights chosen by EXPORT_WEIGHTS into the model; returns what was loaded.
         Fake quantization goes off: from here on the export's own grid is the only one."""
         self.model.set_qat(0, 0, crawler_noise=False)
+        if self.hp.export_weights == "raw":
+            return "raw"
         weights = self.averages.weights(self.hp.export_weights)
         if weights is None:
             self.log(f"export_weights:raw (no {self.hp.export_weights} snapshots were taken)")
@@ -2040,7 +2042,7 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
             trainer.prime_compile()
         result = trainer.run(data.val_tokens, data.luts)
         exported = trainer.use_export_weights()
-        if exported != "raw" or trainer.qat_on:
+        if exported != "raw" or trainer.qat_on or hp.post_loop_steps:   # the weights changed since the last val
             result.update(trainer.validate(data.val_tokens, data.luts, full=True))
     log.kv(export_weights=exported, pre_quant_val_bpb=f"{result['val_bpb']:.6f}")
     if device.type == "cuda":

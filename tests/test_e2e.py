@@ -138,7 +138,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(local_corpus, tmp_path
 
 def test_replay_and_distillation_change_the_result(local_corpus, tmp_path):
     base = tiny_env(local_corpus, tmp_path, ITERATIONS=10, VAL_LOSS_EVERY=0, QUANT="rtn", QUANT_COMPARE=0)
-    plain = tg.main({**base, "RUN_ID": "plain"})
+    plain = tg.main({**base, "RUN_ID": "plain", "EXPORT_WEIGHTS": "raw"})
     replay = tg.main({**base, "RUN_ID": "replay", "REPLAY_BATCHES": "2", "REPLAY_EPOCHS": "2"})
     distill = tg.main({**base, "RUN_ID": "distill", "DISTILL_STEPS": "2"})
     assert len({plain["pre_quant_val_bpb"], replay["pre_quant_val_bpb"], distill["pre_quant_val_bpb"]}) == 3

@@ -1718,11 +1718,11 @@ class Trainer:
         self.loader.stream.seek(*stream_state)
         self.log(f"warmup:done steps:{self.hp.warmup_steps} seconds:{time.perf_counter() - t0:.1f}")
 
-    def time_is_up(self) -> bool:
+    def time_is_up(self, elapsed_s: float) -> bool:
         """All ranks agree, so none waits in a collective the others skipped."""
         if self.hp.train_time_cap <= 0:
             return False
-        flag = torch.tensor(float(steps_left(self.hp, self.step, self.train_s) <= 0), device=self.device)
+        flag = torch.tensor(float(steps_left(self.hp, self.step, elapsed_s) <= 0), device=self.device)
         if self.dinfo.distributed:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -1739,7 +1739,7 @@ class Trainer:
         hp, log = self.hp, self.log
         t0 = time.perf_counter()
         while True:
-            done = self.step >= hp.iterations or self.time_is_up()
+            done = self.step >= hp.iterations or self.time_is_up(self.train_s + time.perf_counter() - t0)
             if done or (hp.val_loss_every and self.step % hp.val_loss_every == 0):
                 self.train_s += time.perf_counter() - t0
                 self.validate(val_tokens, luts, full=done)
