@@ -192,3 +192,14 @@ def test_wallclock_cap_holds_with_time_kept_for_calibration(local_corpus, tmp_pa
     assert out["main_loop_seconds"] <= 5 + 2 * step_s          # the 8 s cap less the 3 s GPTQ reserve
     assert out["train_seconds"] <= 5 + 4 * step_s               # replay's 2 steps were kept back too
     assert 3 < out["steps"] < 100_000
+
+
+def test_late_qat_modes_switch_on_and_change_the_run(local_corpus, tmp_path):
+    base = tiny_env(local_corpus, tmp_path, ITERATIONS=8, WARMDOWN_ITERS=8, VAL_LOSS_EVERY=0, QUANT="rtn",
+                    LATE_QAT_THRESHOLD=0.5, EMA_DECAY=0, EXPORT_WEIGHTS="raw", SWA_EVERY=0)
+    runs = {mode: tg.main({**base, "RUN_ID": f"qat_{mode}", **env}) for mode, env in
+            {"off": {"LATE_QAT_THRESHOLD": "0"}, "all": {}, "crawler": {"QAT_CRAWLER_ONLY": "1"}}.items()}
+    assert "late_qat:on" not in (tmp_path / "logs" / "qat_off.txt").read_text()
+    assert re.search(r"late_qat:on step:5 .*crawler_only:0", (tmp_path / "logs" / "qat_all.txt").read_text())
+    assert "crawler_only:1" in (tmp_path / "logs" / "qat_crawler.txt").read_text()
+    assert len({r["pre_quant_val_bpb"] for r in runs.values()}) == 3
