@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import functools
 import glob
-import io
 import hashlib
 import json
 import lzma
@@ -1300,11 +1299,11 @@ def _prune_candidates(entries: dict, cost: dict[str, Tensor] | None) -> list[tup
 
 def prune_to_fit(entries: dict, meta: dict, compressor: str, level: int | None, byte_shuffle: bool,
                  budget_bytes: int, cost: dict[str, Tensor] | None = None,
-                 int6_bitpack: bool = False, margin: float = 0.003) -> tuple[dict, int, int]:
+                 int6_bitpack: bool = False, margin: float = 0.003) -> tuple[dict, int, bytes]:
     """Zero the k cheapest +-1 quantized values, with k just large enough to fit the budget.
 
     margin: fraction of the budget the fast size proxy must leave free. Returns (new_entries, k,
-    packed_size); input entries are never mutated (changed entries get a new q tensor).
+    packed blob); input entries are never mutated (changed entries get a new q tensor).
     """
     cands = _prune_candidates(entries, cost)
     total = sum(len(pos) for _, pos, _ in cands)
@@ -1319,14 +1318,17 @@ def prune_to_fit(entries: dict, meta: dict, compressor: str, level: int | None, 
                 out[name] = {**entries[name], "q": q.reshape(entries[name]["q"].shape)}
         return out
 
-    def size(es: dict, fast: bool = False) -> int:
+    def packed(es: dict, fast: bool = False) -> bytes:
         args = ("zstd", 3) if fast else (compressor, level)
-        blob = pack_artifact(es, meta, *args, byte_shuffle=byte_shuffle, int6_bitpack=int6_bitpack)
-        return len(blob)
+        return pack_artifact(es, meta, *args, byte_shuffle=byte_shuffle, int6_bitpack=int6_bitpack)
 
-    real0 = size(entries)
+    def size(es: dict, fast: bool = False) -> int:
+        return len(packed(es, fast))
+
+    blob0 = packed(entries)
+    real0 = len(blob0)
     if real0 <= budget_bytes:
-        return dict(entries), 0, real0
+        return dict(entries), 0, blob0
     # Bisect with a cheap proxy (zstd-3 scaled by the k=0 ratio); only verify with the real codec.
     ratio, lo, hi = real0 / size(entries, fast=True), 0, total
     while hi - lo > 1:
@@ -1338,9 +1340,10 @@ def prune_to_fit(entries: dict, meta: dict, compressor: str, level: int | None, 
     k, attempt = hi, 0
     while True:
         new = zeroed(k)
-        real = size(new)
+        blob = packed(new)
+        real = len(blob)
         if real <= budget_bytes:
-            return new, k, real
+            return new, k, blob
         if k >= total:
             raise ValueError(f"artifact is {real - budget_bytes} bytes over the budget of "
                              f"{budget_bytes} even with all {total} +-1 values zeroed")
@@ -1440,8 +1443,7 @@ def pack_model(entries: dict, cost: dict, hp: Hyperparameters, log: Logger) -> b
     budget = hp.size_limit - len(code_bytes())
     if len(blob) > budget and hp.size_target == "prune":
         over = len(blob) - budget
-        entries, changed, _ = prune_to_fit(entries, *args, budget, cost, int6_bitpack=hp.int6_bitpack)
-        blob = pack_artifact(entries, *args, int6_bitpack=hp.int6_bitpack)
+        entries, changed, blob = prune_to_fit(entries, *args, budget, cost, int6_bitpack=hp.int6_bitpack)
         log.kv(prune_values_zeroed=changed, prune_was_over_bytes=over, prune_bytes_model=len(blob))
     return blob
 
