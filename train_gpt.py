@@ -26,7 +26,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -92,6 +92,29 @@ class Hyperparameters:
     ve_layers: str = knob("crawler", "blocks whose attention values get the value embedding: crawler | flat | all | "
                           "comma list of unique-block indices (flat blocks first)")
     crawler_cadence: int = knob(1, "all crawler loops fire on every k-th step, one loop otherwise (1 = always)", lo=1)
+    # --- crawler research arms: each is off by default, and off is the plain crawler bit for bit
+    delta_net_heads: int = knob(0, "DeltaNet: a delta-rule linear-attention sublayer with this many heads in every "
+                                "crawler block (0 = off)", lo=0)
+    helix: bool = knob(False, "Helix: the crawler also fires on a stream of its own after every HELIX_STRIDE flat "
+                       "layers, with gated cross-injection both ways (firing k reuses loop k mod CRAWLER_LOOPS)")
+    helix_stride: int = knob(1, "flat layers between two Helix firings", lo=1)
+    helix_dim: int = knob(32, "width of the Helix bridges", lo=1)
+    helix_mode: str = knob("linear", "Helix bridge: gated low-rank projection, or single-head causal cross-attention",
+                           choices=("linear", "cross_attn"))
+    loop_smear: bool = knob(False, "blend each loop's output with the previous loop's (loop 0: the encoder output), "
+                            "per channel, zero-init")
+    tap_dim: int = knob(0, "encoder taps: flat-layer outputs projected to TAP_DIM and injected into every loop (0 = off)", lo=0)
+    tap_layers: str = knob("all", "flat layers tapped: all (those before the crawler) or a comma list of flat indices")
+    tap_per_loop: bool = knob(True, "one tap write-back per loop (else one shared by all loops)")
+    crawler_mlp: str = knob("standard", "crawler MLP shape; the others add per-loop CHOKE_DIM bottlenecks",
+                            choices=("standard", "choke_flat", "pyramid", "pyramid_res", "grouped", "residual"))
+    choke_dim: int = knob(64, "width of the per-loop choke bottleneck", lo=1)
+    choke_groups: int = knob(4, "block-diagonal groups of CRAWLER_MLP=grouped", lo=1)
+    crawler_loop_rope_scales: str = knob("", "per-loop RoPE wavelength multipliers, one per loop, e.g. 1,2,4 "
+                                         "(inv_freq is divided by them; empty = off)")
+    deliberation: bool = knob(False, "persistent deliberation: a learned consensus state, gated by every firing "
+                              "and pulled into every firing's output")
+    loop_dt: float = knob(1.0, "contractive loops: x <- (1-dt)*x + dt*F(x) per loop (1 = off)", lo=0.01, hi=1.0)
     # --- training
     iterations: int = knob(20000, "training steps (upper bound; the wallclock cap usually ends first)", lo=0)
     max_wallclock_seconds: float = knob(600.0, "training time cap in seconds (0 = none)", lo=0.0)
@@ -187,6 +210,49 @@ class Hyperparameters:
         _require(not self.resume or bool(self.run_id), "RESUME", "RESUME=1 needs the RUN_ID of the run to continue")
         self.ve_block_ids()  # raises on a malformed VE_LAYERS
         _require(self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"{self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}")
+        self._check_arms()
+
+    def _check_arms(self) -> None:
+        arms = {"DELTA_NET_HEADS": self.delta_net_heads > 0, "HELIX": self.helix, "LOOP_SMEAR": self.loop_smear,
+                "TAP_DIM": self.tap_dim > 0, "CRAWLER_MLP": self.crawler_mlp != "standard",
+                "CRAWLER_LOOP_ROPE_SCALES": bool(self.crawler_loop_rope_scales),
+                "DELIBERATION": self.deliberation, "LOOP_DT": self.loop_dt < 1.0}
+        for var, on in arms.items():
+            _require(not on or self.num_crawler_layers > 0, var, "is a crawler arm; NUM_CRAWLER_LAYERS is 0")
+        _require(self.model_dim % max(self.delta_net_heads, 1) == 0, "DELTA_NET_HEADS",
+                 f"{self.delta_net_heads} does not divide MODEL_DIM={self.model_dim}")
+        if self.helix:
+            _require(self.helix_firings > 0, "HELIX_STRIDE", f"{self.helix_stride} exceeds NUM_FLAT_LAYERS={self.num_flat_layers}: "
+                     "the crawler would never fire beside them")
+            _require(self.tap_dim == 0, "TAP_DIM", "taps read the finished encoder; Helix firings run inside it")
+        self.tap_layer_ids()
+        if self.crawler_mlp == "grouped":
+            hidden = int(round(self.crawler_mlp_mult * self.model_dim))
+            _require(hidden % self.choke_groups == 0 and self.choke_dim % self.choke_groups == 0, "CHOKE_GROUPS",
+                     f"{self.choke_groups} must divide CHOKE_DIM={self.choke_dim} and the crawler MLP width {hidden}")
+        self.loop_rope_scales()
+
+    def tap_layer_ids(self) -> list[int]:
+        """Flat layers whose outputs the taps read: those that run before the crawler."""
+        if not self.tap_dim:
+            return []
+        before = self.num_flat_layers if self.crawler_position == "end" else self.num_flat_layers // 2
+        ids = _int_list(self.tap_layers, "TAP_LAYERS") if self.tap_layers != "all" else list(range(before))
+        _require(bool(ids) and all(0 <= i < before for i in ids), "TAP_LAYERS",
+                 f"{ids} must be non-empty and within the {before} flat layers that run before the crawler")
+        return sorted(set(ids))
+
+    def loop_rope_scales(self) -> list[float]:
+        if not self.crawler_loop_rope_scales:
+            return []
+        try:
+            scales = [float(v) for v in self.crawler_loop_rope_scales.split(",")]
+        except ValueError:
+            raise HyperparameterError(f"CRAWLER_LOOP_ROPE_SCALES={self.crawler_loop_rope_scales!r}: expected a comma "
+                                      "list of numbers") from None
+        _require(len(scales) == self.crawler_loops and min(scales) > 0, "CRAWLER_LOOP_ROPE_SCALES",
+                 f"{scales}: need CRAWLER_LOOPS={self.crawler_loops} positive values")
+        return scales
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Hyperparameters":
@@ -195,8 +261,12 @@ class Hyperparameters:
         return cls(**values)
 
     @property
+    def helix_firings(self) -> int:
+        return self.num_flat_layers // self.helix_stride if self.helix else 0
+
+    @property
     def effective_depth(self) -> int:
-        return self.num_flat_layers + self.num_crawler_layers * self.crawler_loops
+        return self.num_flat_layers + self.num_crawler_layers * (self.crawler_loops + self.helix_firings)
 
     def ve_block_ids(self) -> set[int]:
         """Unique-block indices (flat blocks first, then crawler blocks) that add value embeddings."""
@@ -206,10 +276,7 @@ class Hyperparameters:
             return set()
         if self.ve_layers in named:
             return set(named[self.ve_layers])
-        try:
-            ids = {int(v) for v in self.ve_layers.split(",") if v.strip()}
-        except ValueError:
-            raise HyperparameterError(f"VE_LAYERS={self.ve_layers!r}: expected crawler, flat, all or a comma list of ints") from None
+        ids = set(_int_list(self.ve_layers, "VE_LAYERS"))
         _require(all(0 <= i < n_all for i in ids), "VE_LAYERS", f"{sorted(ids)} outside the {n_all} unique blocks")
         return ids
 
@@ -232,6 +299,13 @@ class Hyperparameters:
 def _require(ok: bool, var: str, msg: str) -> None:
     if not ok:
         raise HyperparameterError(f"{var}: {msg}")
+
+
+def _int_list(text: str, var: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise HyperparameterError(f"{var}={text!r}: expected a comma list of ints") from None
 
 
 def _check_range(f: dataclasses.Field, value: Any) -> None:
@@ -279,6 +353,7 @@ RENAMED_KNOBS = {
     "TTT_BURST_ENABLED": "REPLAY_BATCHES (> 0 turns replay on: it replays training data, it is not test-time training)",
     "TTT_BURST_STEPS": "REPLAY_BATCHES", "TTT_BURST_EPOCHS": "REPLAY_EPOCHS", "TTT_BURST_LR_FACTOR": "REPLAY_LR_SCALE",
     "DISTILL_TEMP": "DISTILL_TEMPERATURE", "CRAWLER_QUANT": "CRAWLER_QUANT_INT8",
+    "HELIX_CROSS_ATTN": "HELIX_MODE=cross_attn", "CRAWLER_CHOKE_DIM": "CHOKE_DIM (with CRAWLER_MLP)",
 }
 # Prefixes too generic to claim: an unrelated variable may start with them.
 _GENERIC_PREFIXES = {"RUN", "DATA", "LOG", "MODEL", "MAX", "VAL", "TRAIN", "SEED", "COMPILE", "ITERATIONS",
@@ -558,8 +633,9 @@ class Rotary(nn.Module):
         dims = rope_dims or head_dim
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / dims), persistent=False)
 
-    def forward(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
+    def forward(self, seq_len: int, device: torch.device, wavelength: float = 1.0) -> tuple[Tensor, Tensor]:
+        inv_freq = self.inv_freq.to(device) if wavelength == 1.0 else self.inv_freq.to(device) / wavelength
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
@@ -634,6 +710,76 @@ def exclusive(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, H, D)
 
 
+def _load_fla_delta_rule():
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule  # noqa: PLC0415 - optional, GPU only
+        return chunk_delta_rule
+    except ImportError:
+        return None
+
+
+def select_delta_backend(device: torch.device) -> str:
+    """fla's Triton chunk_delta_rule on a GPU when importable, else the PyTorch chunked reference."""
+    return "fla" if device.type == "cuda" and _load_fla_delta_rule() is not None else "torch"
+
+
+def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk: int = 64) -> Tensor:
+    """The delta rule S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, o_t = S_t^T q_t, computed a chunk at a
+    time (the WY form: inside a chunk the pseudo-values U solve (I + tril(beta K K^T, -1)) U = beta (V - K S)).
+    q, k, v [B,T,H,D] (q pre-scaled, q and k unit-norm), beta [B,T,H]. Zero padding at the end is inert
+    (beta = 0 there), and every output depends on positions <= t only."""
+    B, T, H, D = q.shape
+    pad = (-T) % chunk
+    q, k, v = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).transpose(1, 2) for t in (q, k, v))
+    beta = F.pad(beta.float(), (0, 0, 0, pad)).transpose(1, 2)
+    n = (T + pad) // chunk
+    q, k, v = (t.reshape(B, H, n, chunk, D) for t in (q, k, v))
+    beta = beta.reshape(B, H, n, chunk, 1)
+    eye = torch.eye(chunk, device=q.device)
+    lower = eye + (beta * k @ k.transpose(-1, -2)).tril(-1)
+    w = torch.linalg.solve_triangular(lower, beta * k, upper=False, unitriangular=True)
+    u = torch.linalg.solve_triangular(lower, beta * v, upper=False, unitriangular=True)
+    qk = (q @ k.transpose(-1, -2)).tril()
+    state, out = q.new_zeros(B, H, D, D), []
+    for i in range(n):
+        pseudo_v = u[:, :, i] - w[:, :, i] @ state
+        out.append(q[:, :, i] @ state + qk[:, :, i] @ pseudo_v)
+        state = state + k[:, :, i].transpose(-1, -2) @ pseudo_v
+    return torch.stack(out, 2).reshape(B, H, n * chunk, D)[:, :, :T].transpose(1, 2)
+
+
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, backend: str) -> Tensor:
+    if backend == "fla":
+        out = _load_fla_delta_rule()(q.bfloat16(), k.bfloat16(), v.bfloat16(), beta.bfloat16(), scale=1.0)
+        return out[0].to(v.dtype)
+    return delta_rule_chunked(q, k, v, beta).to(v.dtype)
+
+
+class DeltaNet(nn.Module):
+    """Canonical DeltaNet mixer (Yang et al. 2024): SiLU + L2-normed q/k, sigmoid write strength beta,
+    per-head output RMSNorm, zero-init output projection (no short convolution)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v = CastedLinear(dim, dim), CastedLinear(dim, dim), CastedLinear(dim, dim)
+        self.beta = CastedLinear(dim, heads)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.backend = "torch"
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        shape = (B, T, self.heads, self.head_dim)
+        q = F.normalize(F.silu(self.q(x)).view(shape).float(), dim=-1) * self.head_dim ** -0.5
+        k = F.normalize(F.silu(self.k(x)).view(shape).float(), dim=-1)
+        o = delta_rule(q, k, self.v(x).view(shape), torch.sigmoid(self.beta(x).float()), self.backend)
+        return self.proj(rms_norm(o).reshape(B, T, -1))
+
+
+def relu2(h: Tensor, slope: float) -> Tensor:
+    return (F.leaky_relu(h, slope) if slope else F.relu(h)).square()
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, mult: float, act: str, slope: float):
         super().__init__()
@@ -641,28 +787,68 @@ class MLP(nn.Module):
         self.up, self.down = CastedLinear(dim, hidden), CastedLinear(hidden, dim, zero_init=True)
         self.slope = slope if act == "leaky_relu2" else 0.0
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.up(x)
-        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
-        return self.down(h.square())
+    def forward(self, x: Tensor, loop: int = 0) -> Tensor:
+        return self.down(relu2(self.up(x), self.slope))
+
+
+class ChokeMLP(MLP):
+    """Crawler MLP with a per-loop bottleneck of width C (#1308), h = act(up x):
+    choke_flat  out = up_l(act(down_l h))                 down_l: hidden -> C
+    grouped     the same with down_l block-diagonal in G groups
+    pyramid     out = up_l(act(down_l s)), s = down h     down_l: dim -> C
+    pyramid_res out = s + up_l(act(down_l s))
+    residual    out = down h + up_l(act(down_l h))
+    Every up_l starts at zero, like the plain MLP's down projection."""
+
+    def __init__(self, dim: int, hp: Hyperparameters):
+        super().__init__(dim, hp.crawler_mlp_mult, hp.mlp_act, hp.crawler_mlp_leaky_slope)
+        self.shape, hidden, c = hp.crawler_mlp, self.up.out_features, hp.choke_dim
+        groups = hp.choke_groups if self.shape == "grouped" else 1
+        if self.shape == "choke_flat" or self.shape == "grouped":
+            del self.down                       # the per-loop bottleneck is the only way out
+        elif self.shape == "pyramid":
+            nn.init.normal_(self.down.weight, std=hidden ** -0.5)   # two zero factors in a row would never train
+        choke_in = dim if self.shape.startswith("pyramid") else hidden
+        self.loop_down = nn.ModuleList(
+            nn.ModuleList(CastedLinear(choke_in // groups, c // groups) for _ in range(groups))
+            for _ in range(hp.crawler_loops))
+        self.loop_up = nn.ModuleList(CastedLinear(c, dim, zero_init=True) for _ in range(hp.crawler_loops))
+
+    def choke(self, h: Tensor, loop: int) -> Tensor:
+        parts = self.loop_down[loop]
+        pieces = h.chunk(len(parts), dim=-1)
+        return self.loop_up[loop](relu2(torch.cat([d(x) for d, x in zip(parts, pieces)], -1), self.slope))
+
+    def forward(self, x: Tensor, loop: int = 0) -> Tensor:
+        h = relu2(self.up(x), self.slope)
+        if self.shape in ("choke_flat", "grouped"):
+            return self.choke(h, loop)
+        if self.shape == "residual":
+            return self.down(h) + self.choke(h, loop)
+        s = self.down(h)
+        return self.choke(s, loop) + (s if self.shape == "pyramid_res" else 0)
 
 
 class Block(nn.Module):
-    def __init__(self, hp: Hyperparameters, mlp_mult: float, leaky_slope: float, ve_dim: int = 0):
+    def __init__(self, hp: Hyperparameters, make_mlp: Callable[[], nn.Module], ve_dim: int = 0, delta_heads: int = 0):
         super().__init__()
         self.attn = Attention(hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init, ve_dim)
-        self.mlp = MLP(hp.model_dim, mlp_mult, hp.mlp_act, leaky_slope)
+        if delta_heads:
+            self.delta = DeltaNet(hp.model_dim, delta_heads)
+        self.mlp = make_mlp()
         self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
         # resid_mix[0] weighs the running stream, resid_mix[1] the embedding x0.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(hp.model_dim), torch.zeros(hp.model_dim))))
 
     def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], ln_scale: float, xsa: bool = False,
-                ve: Tensor | None = None) -> Tensor:
+                ve: Tensor | None = None, loop: int = 0) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * ln_scale, rope, xsa, ve)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * ln_scale)
+        if hasattr(self, "delta"):
+            x = x + self.delta(rms_norm(x) * ln_scale)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * ln_scale, loop)
 
 
 BOS_ID = 1
@@ -709,6 +895,29 @@ class SmearGate(nn.Module):
         return x + self.lam.to(x.dtype) * torch.sigmoid(self.gate(x[..., :self.k])) * prev
 
 
+class HelixBridge(nn.Module):
+    """Gated low-rank injection of a source stream into a target stream: linear, or a single-head causal
+    cross-attention (query from the target, key and value from the source; no RoPE, it routes by content).
+    The write-back starts at zero, so a new bridge leaves both streams as they were."""
+
+    def __init__(self, dim: int, width: int, mode: str):
+        super().__init__()
+        self.read = CastedLinear(dim, width)
+        if mode == "cross_attn":
+            self.query, self.key = CastedLinear(dim, width), CastedLinear(dim, width)
+        self.write = CastedLinear(width, dim, zero_init=True)
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, source: Tensor, target: Tensor) -> Tensor:
+        src = rms_norm(source)
+        v = self.read(src)
+        if hasattr(self, "query"):
+            q, k = self.query(rms_norm(target)), self.key(src)
+            v = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], is_causal=True)[:, 0]
+        gate = torch.sigmoid((src * self.gate.to(src.dtype)).sum(-1, keepdim=True))
+        return gate * self.write(v)
+
+
 def orthonormal_rows(n: int, dim: int, seed: int) -> Tensor:
     """n orthonormal vectors of length dim from the QR of a seeded Gaussian matrix."""
     gen = torch.Generator().manual_seed(seed)
@@ -724,11 +933,11 @@ class CrawlerGPT(nn.Module):
         self.hp = hp
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
-        ve = hp.ve_block_ids()
-        self.flat = nn.ModuleList(Block(hp, hp.mlp_mult, hp.mlp_leaky_slope, hp.ve_dim if i in ve else 0)
-                                  for i in range(hp.num_flat_layers))
-        self.crawler = nn.ModuleList(Block(hp, hp.crawler_mlp_mult, hp.crawler_mlp_leaky_slope,
-                                           hp.ve_dim if hp.num_flat_layers + i in ve else 0)
+        ve, dim = hp.ve_block_ids(), hp.model_dim
+        flat_mlp = lambda: MLP(dim, hp.mlp_mult, hp.mlp_act, hp.mlp_leaky_slope)  # noqa: E731
+        self.flat = nn.ModuleList(Block(hp, flat_mlp, hp.ve_dim if i in ve else 0) for i in range(hp.num_flat_layers))
+        self.crawler = nn.ModuleList(Block(hp, lambda: self.crawler_mlp(hp), hp.ve_dim if hp.num_flat_layers + i in ve else 0,
+                                           hp.delta_net_heads)
                                      for i in range(hp.num_crawler_layers))
         if ve:
             self.ve_table = nn.Parameter(torch.randn(hp.vocab_size, hp.ve_dim) * 0.02)
@@ -749,27 +958,100 @@ class CrawlerGPT(nn.Module):
             nn.init.normal_(self.inst_down.weight, std=0.01)
             self.inst_up = nn.ModuleList(CastedLinear(hp.inst_dim, hp.model_dim, zero_init=True)
                                          for _ in range(hp.crawler_loops))
+        self.build_arms(hp)
         depth, n_xsa = hp.effective_depth, hp.effective_depth if hp.xsa_last_n < 0 else hp.xsa_last_n
         self.depth_scales = [1.0 / math.sqrt(i + 1) if hp.ln_scale else 1.0 for i in range(depth)]
         self.xsa_at = [i >= depth - n_xsa for i in range(depth)]
+        self.tap_ids = set(hp.tap_layer_ids())
+        self.loop_rope_scales = hp.loop_rope_scales()
 
-    def set_attention_backend(self, backend: str) -> None:
+    @staticmethod
+    def crawler_mlp(hp: Hyperparameters) -> MLP:
+        if hp.crawler_mlp == "standard":
+            return MLP(hp.model_dim, hp.crawler_mlp_mult, hp.mlp_act, hp.crawler_mlp_leaky_slope)
+        return ChokeMLP(hp.model_dim, hp)
+
+    def build_arms(self, hp: Hyperparameters) -> None:
+        """The research arms' own parameters. All are crawler-side (named crawler_*), so the
+        loop-aware GPTQ quantizes them in its second phase; write-backs start at zero."""
+        dim = hp.model_dim
+        if hp.helix:
+            self.crawler_bridge_out = HelixBridge(dim, hp.helix_dim, hp.helix_mode)   # crawler -> flat stream
+            self.crawler_bridge_in = HelixBridge(dim, hp.helix_dim, hp.helix_mode)    # flat -> crawler stream
+        if hp.loop_smear:
+            self.crawler_smear = nn.Parameter(torch.zeros(dim))
+        if hp.tap_dim:
+            self.crawler_tap_down = nn.ModuleList(CastedLinear(dim, hp.tap_dim) for _ in hp.tap_layer_ids())
+            self.crawler_tap_up = nn.ModuleList(CastedLinear(hp.tap_dim, dim, zero_init=True)
+                                                for _ in range(hp.crawler_loops if hp.tap_per_loop else 1))
+        if hp.deliberation:
+            self.crawler_consensus = nn.Parameter(torch.zeros(dim))    # the persistent reference
+            self.crawler_delib_gate = nn.Parameter(torch.zeros(dim))   # how much a firing moves the consensus
+            self.crawler_delib_pull = nn.Parameter(torch.zeros(dim))   # how much the consensus moves a firing
+
+    def set_backends(self, attention: str, delta: str = "torch") -> None:
         for m in self.modules():
             if isinstance(m, Attention):
-                m.backend = backend
+                m.backend = attention
+            elif isinstance(m, DeltaNet):
+                m.backend = delta
 
-    def run_block(self, block: Block, x: Tensor, ctx: dict, depth: int) -> Tensor:
-        return block(x, ctx["x0"], ctx["rope"], self.depth_scales[depth], self.xsa_at[depth], ctx["ve"])
+    def run_block(self, block: Block, x: Tensor, ctx: dict, depth: int, loop: int = 0, rope: tuple | None = None) -> Tensor:
+        return block(x, ctx["x0"], rope or ctx["rope"], self.depth_scales[depth], self.xsa_at[depth], ctx["ve"], loop)
 
     def crawl(self, x: Tensor, ctx: dict, depth: int, loops: int) -> tuple[Tensor, int]:
+        if self.hp.tap_dim:   # read once: every loop sees the encoder as it was, not as the loops drift
+            ctx["tap"] = sum(down(rms_norm(h)) for down, h in zip(self.crawler_tap_down, ctx["tapped"]))
         for loop in range(loops):
-            step_in = x + self.loop_embed[loop].to(x.dtype)
-            if self.hp.inst_dim:
-                step_in = step_in + self.inst_up[loop](self.inst_down(x))
-            x = step_in
-            for block in self.crawler:
-                x = self.run_block(block, x, ctx, depth)
-                depth += 1
+            x, depth = self.crawl_step(x, ctx, depth, loop)
+        return x, depth
+
+    def crawl_step(self, x: Tensor, ctx: dict, depth: int, loop: int) -> tuple[Tensor, int]:
+        """One firing of the shared crawler blocks, with every per-loop arm. Sequential loops and
+        Helix firings both come through here."""
+        hp, anchor = self.hp, x
+        x = x + self.loop_embed[loop].to(x.dtype)
+        if hp.inst_dim:
+            x = x + self.inst_up[loop](self.inst_down(anchor))
+        if hp.tap_dim:
+            x = x + self.crawler_tap_up[loop if hp.tap_per_loop else 0](ctx["tap"]).to(x.dtype)
+        rope = ctx["loop_rope"][loop] if "loop_rope" in ctx else ctx["rope"]
+        for block in self.crawler:
+            x = self.run_block(block, x, ctx, depth, loop, rope)
+            depth += 1
+        if hp.loop_dt < 1.0:   # contractive: a step of size dt towards F(x) instead of a jump
+            x = (1 - hp.loop_dt) * anchor + hp.loop_dt * x
+        if hp.loop_smear:
+            x = x + self.crawler_smear.to(x.dtype) * (anchor - x)
+        if hp.deliberation:
+            x = self.deliberate(x, ctx)
+        return x, depth
+
+    def deliberate(self, x: Tensor, ctx: dict) -> Tensor:
+        """The consensus starts as a learned Parameter and absorbs each firing by a content gate; each
+        firing's output is pulled towards it. Nothing is detached: the loss reaches the consensus
+        through every later firing, and the consensus reaches every firing's blocks."""
+        ref = ctx.get("consensus", self.crawler_consensus.to(x.dtype))
+        gate = torch.sigmoid((rms_norm(x) * self.crawler_delib_gate.to(x.dtype)).sum(-1, keepdim=True))
+        ref = ref + gate * (x - ref)
+        ctx["consensus"] = ref
+        return x + self.crawler_delib_pull.to(x.dtype) * (ref - x)
+
+    def helix_fire(self, flat_idx: int, x: Tensor, ctx: dict, depth: int) -> tuple[Tensor, int]:
+        """After every HELIX_STRIDE-th flat layer the crawler fires once on its own stream (which starts
+        at the embedding); then each stream reads the other through a gated bridge."""
+        firing, rest = divmod(flat_idx + 1, self.hp.helix_stride)
+        if rest:
+            return x, depth
+        stream, depth = self.crawl_step(ctx["helix"], ctx, depth, (firing - 1) % self.hp.crawler_loops)
+        ctx["helix"] = stream + self.crawler_bridge_in(x, stream)
+        return x + self.crawler_bridge_out(stream, x), depth
+
+    def after_flat(self, i: int, x: Tensor, ctx: dict, depth: int) -> tuple[Tensor, int]:
+        if i in self.tap_ids:
+            ctx["tapped"].append(x)
+        if self.hp.helix:
+            x, depth = self.helix_fire(i, x, ctx, depth)
         return x, depth
 
     def embed(self, ids: Tensor) -> Tensor:
@@ -785,12 +1067,15 @@ class CrawlerGPT(nn.Module):
         loops = self.hp.crawler_loops if loops is None else loops
         x = self.embed(ids)
         ve = F.embedding(ids, self.ve_table) if hasattr(self, "ve_table") else None  # deterministic backward
-        ctx = {"x0": x, "rope": self.rotary(ids.size(1), ids.device), "ve": ve}
+        ctx = {"x0": x, "rope": self.rotary(ids.size(1), ids.device), "ve": ve, "tapped": [], "helix": x}
+        if self.loop_rope_scales:
+            ctx["loop_rope"] = [self.rotary(ids.size(1), ids.device, s) for s in self.loop_rope_scales]
         skips, depth = [], 0
         for i in range(self.num_enc):
             x = self.run_block(self.flat[i], x, ctx, depth)
             skips.append(x)
             depth += 1
+            x, depth = self.after_flat(i, x, ctx, depth)
         if self.crawler and self.hp.crawler_position == "bottleneck":
             x, depth = self.crawl(x, ctx, depth, loops)
         for j, block in enumerate(self.flat[self.num_enc:]):
@@ -798,6 +1083,7 @@ class CrawlerGPT(nn.Module):
                 x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
             x = self.run_block(block, x, ctx, depth)
             depth += 1
+            x, depth = self.after_flat(self.num_enc + j, x, ctx, depth)
         if self.crawler and self.hp.crawler_position == "end":
             x, depth = self.crawl(x, ctx, depth, loops)
         return rms_norm(x)
@@ -835,6 +1121,20 @@ class CrawlerGPT(nn.Module):
 
 def count_unique_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() visits a shared tensor once
+
+
+ARM_PARAMS = {".delta.": "delta_net", ".mlp.loop_": "crawler_mlp", "crawler_bridge": "helix", "crawler_smear": "loop_smear",
+              "crawler_tap": "taps", "crawler_consensus": "deliberation", "crawler_delib": "deliberation"}
+
+
+def arm_param_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters each active research arm adds (choke MLPs: their per-loop bottlenecks)."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        for pattern, arm in ARM_PARAMS.items():
+            if pattern in name:
+                counts[arm] = counts.get(arm, 0) + p.numel()
+    return counts
 
 
 # ============================================================================
@@ -1354,7 +1654,7 @@ def prune_to_fit(entries: dict, meta: dict, compressor: str, level: int | None, 
 
 # --- the model's tensors: which kind each is stored as, and the loop-aware quantization order.
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "loop_embed")
-CRAWLER_PREFIXES = ("crawler.", "inst_")
+CRAWLER_PREFIXES = ("crawler", "inst_")   # crawler.<i>, crawler_<arm>, inst_*
 
 
 def storage_kind(name: str, tensor: Tensor, hp: Hyperparameters) -> str:
@@ -1912,6 +2212,7 @@ class RunData:
     val_tokens: Tensor
     luts: ByteLUTs
     backend: str
+    delta_backend: str
 
 
 def preflight(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> RunData:
@@ -1937,9 +2238,12 @@ def preflight(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> Run
     backend = select_attention_backend(device)
     q = torch.randn(1, 8, 2, 16, device=device)
     causal_attention(q, q[:, :, :1], q[:, :, :1], backend)  # the backend really runs here
+    delta_backend = select_delta_backend(device)
+    if hp.delta_net_heads:
+        delta_rule(F.normalize(q, dim=-1), F.normalize(q, dim=-1), q, torch.rand(1, 8, 2, device=device), delta_backend)
     if hp.eval_only:
         unpack_artifact(Path(hp.eval_only).read_bytes())
-    return RunData(train_files, val_tokens, build_byte_luts(sp, hp.vocab_size), backend)
+    return RunData(train_files, val_tokens, build_byte_luts(sp, hp.vocab_size), backend, delta_backend)
 
 
 def score(model: nn.Module, hp: Hyperparameters, data: RunData, stride: int, dinfo: DistInfo,
@@ -1951,7 +2255,7 @@ def score(model: nn.Module, hp: Hyperparameters, data: RunData, stride: int, din
 
 
 def eval_model_for(model: CrawlerGPT, hp: Hyperparameters, data: RunData, device: torch.device) -> nn.Module:
-    model.to(device).set_attention_backend(data.backend)
+    model.to(device).set_backends(data.backend, data.delta_backend)
     return torch.compile(model, dynamic=False) if hp.use_compile(device) else model
 
 
@@ -2020,14 +2324,17 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
     with timer.phase("checks"):
         data = preflight(hp, dinfo, device)
     log.kv(train_shards=len(data.train_files), val_tokens=data.val_tokens.numel(), attention=data.backend,
+           delta_rule=data.delta_backend if hp.delta_net_heads else "off",
            unigram_val_bpb=f"{unigram_bpb(data.val_tokens, data.luts):.4f}")
     if hp.eval_only:
         return evaluate_only(hp, data, dinfo, device, log, timer, run_id)
 
     model = CrawlerGPT(hp).to(device)
-    model.set_attention_backend(data.backend)
+    model.set_backends(data.backend, data.delta_backend)
     log.kv(unique_params=count_unique_params(model), effective_depth=hp.effective_depth,
-           flat=hp.num_flat_layers, crawler=f"{hp.num_crawler_layers}x{hp.crawler_loops}")
+           flat=hp.num_flat_layers, crawler=f"{hp.num_crawler_layers}x{hp.crawler_loops}",
+           arm_params=",".join(f"{k}={v}" for k, v in sorted(arm_param_counts(model).items())) or "none",
+           bytes_model_raw=raw_model_bytes(model, hp))
     step_model: nn.Module = torch.compile(model, dynamic=False) if hp.use_compile(device) else model
     if dinfo.distributed:  # single-loop cadence steps leave later loops' parameters unused
         step_model = nn.parallel.DistributedDataParallel(
@@ -2076,6 +2383,16 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
     return out
 
 
+def raw_model_bytes(model: CrawlerGPT, hp: Hyperparameters) -> int:
+    """The artifact's payload before compression (one byte per int6/int8 value plus fp16 row scales):
+    an instant upper bound; DRY_RUN=1 packs a random-weight model for the compressed estimate."""
+    total = 0
+    for name, p in model.named_parameters():
+        kind = storage_kind(name, p, hp)
+        total += p.numel() + 2 * p.size(0) if kind in QUANT_KINDS else p.numel() * FLOAT_KINDS[kind].itemsize
+    return total
+
+
 def estimate_artifact_bytes(model: CrawlerGPT, hp: Hyperparameters) -> int:
     """RTN-quantize a random-weight copy and pack it with the chosen compressor. Zero-init output
     projections get a Gaussian spread first; trained weights usually compress somewhat better."""
@@ -2097,7 +2414,8 @@ def dry_run(hp: Hyperparameters, log: Logger) -> dict:
         by_kind[storage_kind(name, p, hp)] = by_kind.get(storage_kind(name, p, hp), 0) + p.numel()
     model_bytes = estimate_artifact_bytes(model, hp)
     out = {"unique_params": count_unique_params(model), "effective_depth": hp.effective_depth,
-           "bytes_model_estimate": model_bytes, "bytes_code": len(code_bytes())}
+           "bytes_model_estimate": model_bytes, "bytes_code": len(code_bytes()),
+           "arm_params": ",".join(f"{k}={v}" for k, v in sorted(arm_param_counts(model).items())) or "none"}
     out["bytes_total_estimate"] = model_bytes + out["bytes_code"]
     log.kv(dry_run=1, **out, params_by_kind=",".join(f"{k}={v}" for k, v in sorted(by_kind.items())),
            cap=hp.size_limit, headroom=hp.size_limit - out["bytes_total_estimate"],

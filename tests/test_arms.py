@@ -1,0 +1,265 @@
+"""The crawler research arms (issue 6): off = the plain crawler bit for bit, on = a different model,
+causal, trained by the right optimizer, quantized by the export, and the DeltaNet maths exact."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import train_gpt as tg
+from make_plain_golden import CONFIGS, golden_logits
+from test_model import VOCAB, ids, make_model, small_hp
+
+# One small configuration per arm (and per mode where an arm has several).
+ARMS = {
+    "delta_net": {"DELTA_NET_HEADS": 2},
+    "helix_linear": {"HELIX": 1, "HELIX_DIM": 8},
+    "helix_cross_attn": {"HELIX": 1, "HELIX_MODE": "cross_attn", "HELIX_DIM": 8, "NUM_FLAT_LAYERS": 4, "HELIX_STRIDE": 2},
+    "loop_smear": {"LOOP_SMEAR": 1},
+    "taps": {"TAP_DIM": 8},
+    "taps_shared_bottleneck": {"TAP_DIM": 8, "TAP_PER_LOOP": 0, "TAP_LAYERS": "1", "NUM_FLAT_LAYERS": 4,
+                               "CRAWLER_POSITION": "bottleneck"},
+    "choke_flat": {"CRAWLER_MLP": "choke_flat", "CHOKE_DIM": 8},
+    "pyramid": {"CRAWLER_MLP": "pyramid", "CHOKE_DIM": 8},
+    "pyramid_res": {"CRAWLER_MLP": "pyramid_res", "CHOKE_DIM": 8},
+    "grouped": {"CRAWLER_MLP": "grouped", "CHOKE_DIM": 8, "CHOKE_GROUPS": 2},
+    "residual": {"CRAWLER_MLP": "residual", "CHOKE_DIM": 8},
+    "loop_rope_scales": {"CRAWLER_LOOP_ROPE_SCALES": "1,4"},
+    "deliberation": {"DELIBERATION": 1},
+    "loop_dt": {"LOOP_DT": 0.5},
+}
+# Arms whose new parameters start at zero: with the plain model's weights they compute the plain model.
+STARTS_AS_PLAIN = [a for a in ARMS if a not in ("loop_rope_scales", "loop_dt")]
+
+
+def wake(model: nn.Module, seed: int = 3) -> nn.Module:
+    """Give every all-zero parameter (write-backs, gates, smear, consensus) a random value."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def plain_and_arm(arm: str, fresh: bool) -> tuple[tg.CrawlerGPT, tg.CrawlerGPT]:
+    """The plain model and the arm's model holding the plain model's weights wherever they share a name."""
+    overrides = dict(ARMS[arm])
+    shape = {k: overrides.pop(k) for k in ("NUM_FLAT_LAYERS", "CRAWLER_POSITION") if k in overrides}
+    torch.manual_seed(0)
+    plain = tg.CrawlerGPT(small_hp(**shape)) if fresh else make_model(**shape)
+    torch.manual_seed(0)
+    on = tg.CrawlerGPT(small_hp(**shape, **overrides))
+    on.load_state_dict(plain.state_dict(), strict=False)
+    return plain, on
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_every_arm_off_is_the_plain_crawler_bit_for_bit(config):
+    """tests/data/plain_crawler_golden.pt was written by the model as it was before the arms existed."""
+    golden = torch.load(Path(__file__).parent / "data" / "plain_crawler_golden.pt")[config]
+    state, logits = golden_logits(config)
+    assert sorted(state) == golden["keys"]
+    assert math.isclose(sum(float(v.double().sum()) for v in state.values()), golden["param_sum"], rel_tol=1e-12)
+    torch.testing.assert_close(logits, golden["logits"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arm", STARTS_AS_PLAIN)
+def test_zero_init_arm_starts_as_the_plain_model(arm):
+    plain, on = plain_and_arm(arm, fresh=True)
+    x = ids()
+    torch.testing.assert_close(on.logits(x), plain.logits(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_arm_on_changes_the_output(arm):
+    plain, on = plain_and_arm(arm, fresh=False)
+    wake(on)
+    x = ids()
+    assert (on.logits(x) - plain.logits(x)).abs().max() > 1e-5   # float noise here is ~1e-8
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_arm_is_causal(arm):
+    model = wake(make_model(**ARMS[arm]))
+    x = ids(batch=1, seq=24)   # more than one DeltaNet chunk would need 64+; the chunk test covers that
+    base = model.token_nll(x, x)
+    for t in (0, 7, 22):
+        changed = x.clone()
+        changed[0, t + 1:] = (changed[0, t + 1:] + 7) % VOCAB
+        after = model.token_nll(changed, x)
+        torch.testing.assert_close(after[0, :t + 1], base[0, :t + 1], rtol=0, atol=1e-6)
+        assert not torch.allclose(after[0, t + 1:], base[0, t + 1:])
+
+
+def arm_param_names(arm: str) -> set[str]:
+    plain, on = plain_and_arm(arm, fresh=True)
+    return set(dict(on.named_parameters())) - set(dict(plain.named_parameters()))
+
+
+@pytest.mark.parametrize("arm", sorted(a for a in ARMS if a not in ("loop_rope_scales", "loop_dt")))
+def test_arm_parameters_are_trained_and_quantized(arm):
+    model = wake(make_model(**ARMS[arm]))
+    hp = model.hp
+    new = arm_param_names(arm)
+    assert new, "an arm with parameters adds some"
+    groups = {name: g for g, members in tg.route_params(model).items() for name, _ in members}
+    kinds = {n: tg.storage_kind(n, p, hp) for n, p in model.named_parameters()}
+    for name in new:
+        p = dict(model.named_parameters())[name]
+        assert name.startswith(tg.CRAWLER_PREFIXES), f"{name} must be quantized in the loop-aware phase 2"
+        assert groups[name] == ("muon" if p.ndim == 2 else "scalar"), name
+        assert kinds[name] == ("int6" if p.ndim == 2 else "fp16"), name
+    # One training step moves every new parameter.
+    x = ids(batch=2, seq=16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in new}
+    opts = tg.build_optimizers(model, hp, tg.DistInfo())
+    model(x, x).backward()
+    for opt in opts:
+        opt.step()
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in new)
+    # The loop-aware GPTQ quantizes the new matrices with a Hessian (every one is reached by the forward).
+    entries, cost = tg.quantize_model_(model, hp, "gptq", [ids(batch=2, seq=16, seed=s) for s in range(3)], tg.DistInfo())
+    matrices = {n for n in new if kinds[n] == "int6"}
+    assert matrices <= set(cost), matrices - set(cost)
+    assert new <= set(entries)
+
+
+def test_arm_parameter_counts():
+    dim, hidden, loops = 48, 96, 2
+    assert arm_param_names("loop_smear") == {"crawler_smear"}
+    assert arm_param_names("deliberation") == {"crawler_consensus", "crawler_delib_gate", "crawler_delib_pull"}
+    plain = tg.count_unique_params(make_model())
+    assert tg.count_unique_params(make_model(**ARMS["taps"])) - plain == 2 * dim * 8 + loops * 8 * dim
+    assert tg.count_unique_params(make_model(**ARMS["delta_net"])) - plain == 4 * dim * dim + dim * 2
+    # choke_flat drops the shared down projection and adds per-loop hidden->C->dim.
+    assert tg.count_unique_params(make_model(**ARMS["choke_flat"])) - plain == loops * (hidden * 8 + 8 * dim) - hidden * dim
+    assert tg.count_unique_params(make_model(**ARMS["grouped"])) - plain == loops * (hidden * 8 // 2 + 8 * dim) - hidden * dim
+    linear = tg.count_unique_params(make_model(**ARMS["helix_linear"])) - plain
+    assert linear == 2 * (dim * 8 + 8 * dim + dim)
+    assert make_model(**ARMS["helix_linear"]).hp.effective_depth == 2 + 1 * (2 + 2)
+
+
+def test_helix_fires_after_every_stride_and_keeps_the_sequential_loops():
+    model = make_model(NUM_FLAT_LAYERS=4, HELIX=1, HELIX_STRIDE=2)
+    order = []
+    for name, block in [(f"flat{i}", b) for i, b in enumerate(model.flat)] + [("crawler", model.crawler[0])]:
+        block.register_forward_hook(lambda *a, name=name: order.append(name))
+    model.logits(ids())
+    assert order == ["flat0", "flat1", "crawler", "flat2", "flat3", "crawler", "crawler", "crawler"]
+
+
+def test_loop_rope_scales_divide_inv_freq():
+    rot = tg.Rotary(16, 0, 10000.0)
+    cos1, _ = rot(8, torch.device("cpu"))
+    cos4, _ = rot(8, torch.device("cpu"), 4.0)
+    pos = torch.arange(8.0)[:, None]
+    torch.testing.assert_close(cos4[0, :, 0], torch.cos(pos * rot.inv_freq / 4))
+    torch.testing.assert_close(cos1[0, :, 0], torch.cos(pos * rot.inv_freq))
+
+
+def test_contractive_loop_is_a_partial_step():
+    """LOOP_DT=dt with one loop: x_out = (1-dt) x_in + dt F(x_in), F = the plain crawler firing."""
+    plain, half = make_model(CRAWLER_LOOPS=1), make_model(CRAWLER_LOOPS=1, LOOP_DT=0.25)
+    x = torch.randn(2, 8, 48)
+    ctx = {"x0": x, "rope": plain.rotary(8, x.device), "ve": None}
+    full, _ = plain.crawl(x, dict(ctx), plain.hp.num_flat_layers, 1)
+    part, _ = half.crawl(x, dict(ctx), half.hp.num_flat_layers, 1)
+    torch.testing.assert_close(part, 0.75 * x + 0.25 * full)
+
+
+def test_loop_smear_blends_with_the_loop_input():
+    plain, smear = make_model(CRAWLER_LOOPS=1), make_model(CRAWLER_LOOPS=1, LOOP_SMEAR=1)
+    smear.crawler_smear.data.fill_(0.3)
+    x = torch.randn(2, 8, 48)
+    ctx = {"x0": x, "rope": plain.rotary(8, x.device), "ve": None}
+    full, _ = plain.crawl(x, dict(ctx), plain.hp.num_flat_layers, 1)
+    blended, _ = smear.crawl(x, dict(ctx), smear.hp.num_flat_layers, 1)
+    torch.testing.assert_close(blended, 0.7 * full + 0.3 * x)
+
+
+def test_deliberation_consensus_gets_gradients_from_both_firings():
+    model = wake(make_model(DELIBERATION=1))
+    consensus = model.crawler_consensus
+    assert isinstance(consensus, nn.Parameter) and consensus.requires_grad
+    x = ids()
+    model(x, x).backward()
+    assert consensus.grad is not None and consensus.grad.abs().sum() > 0
+    # The consensus carries the first firing's output into the second: cutting it changes the gradient.
+    grads = {}
+    for pull in (0.3, 0.0):
+        model.zero_grad()
+        model.crawler_delib_pull.data.fill_(pull)
+        model(x, x).backward()
+        grads[pull] = model.crawler_delib_gate.grad.abs().sum()
+    assert grads[0.3] > 0 and grads[0.0] == 0
+
+
+# --- DeltaNet maths
+
+
+def delta_rule_naive(q, k, v, beta):
+    """Token by token: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, o_t = S_t^T q_t."""
+    B, T, H, D = q.shape
+    state = torch.zeros(B, H, D, v.size(-1), dtype=torch.float64)
+    out = []
+    for t in range(T):
+        kt, vt, qt, bt = k[:, t].double(), v[:, t].double(), q[:, t].double(), beta[:, t].double()
+        old = torch.einsum("bhdv,bhd->bhv", state, kt)
+        state = state + torch.einsum("bhd,bhv->bhdv", kt, bt[..., None] * (vt - old))
+        out.append(torch.einsum("bhdv,bhd->bhv", state, qt))
+    return torch.stack(out, 1)
+
+
+def delta_inputs(T, seed=0, B=2, H=3, D=8):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1) * D ** -0.5
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1)
+    return q, k, torch.randn(B, T, H, D, generator=gen), torch.rand(B, T, H, generator=gen)
+
+
+@pytest.mark.parametrize("T, chunk", [(1, 4), (13, 4), (64, 16), (70, 32), (40, 64)])
+def test_chunked_delta_rule_matches_the_token_by_token_recurrence(T, chunk):
+    q, k, v, beta = delta_inputs(T)
+    got = tg.delta_rule_chunked(q, k, v, beta, chunk=chunk)
+    torch.testing.assert_close(got.double(), delta_rule_naive(q, k, v, beta), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_delta_rule_is_causal_across_chunks():
+    q, k, v, beta = delta_inputs(40, seed=1)
+    base = tg.delta_rule_chunked(q, k, v, beta, chunk=8)
+    for t in (3, 8, 21):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, t + 1:] = k2[:, t + 1:].flip(1)
+        v2[:, t + 1:] += 1.0
+        after = tg.delta_rule_chunked(q, k2, v2, beta, chunk=8)
+        torch.testing.assert_close(after[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or tg._load_fla_delta_rule() is None,
+                    reason="needs a GPU and the fla package")
+def test_fla_chunk_delta_rule_matches_the_reference():
+    q, k, v, beta = (t.cuda() for t in delta_inputs(200, seed=2, H=4, D=64))
+    ref = tg.delta_rule(q, k, v, beta, "torch").float()
+    got = tg.delta_rule(q, k, v, beta, "fla").float()
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.02)   # fla runs in bf16
+
+
+def test_arm_knob_errors_name_the_variable():
+    cases = [({"NUM_CRAWLER_LAYERS": 0, "LOOP_SMEAR": 1}, "LOOP_SMEAR"),
+             ({"DELTA_NET_HEADS": 5}, "DELTA_NET_HEADS"),
+             ({"HELIX": 1, "HELIX_STRIDE": 3}, "HELIX_STRIDE"),
+             ({"HELIX": 1, "TAP_DIM": 4}, "TAP_DIM"),
+             ({"TAP_DIM": 4, "TAP_LAYERS": "2"}, "TAP_LAYERS"),
+             ({"TAP_DIM": 4, "TAP_LAYERS": "0,x"}, "TAP_LAYERS"),
+             ({"CRAWLER_MLP": "grouped", "CHOKE_DIM": 9, "CHOKE_GROUPS": 2}, "CHOKE_GROUPS"),
+             ({"CRAWLER_LOOP_ROPE_SCALES": "1,2,4"}, "CRAWLER_LOOP_ROPE_SCALES"),
+             ({"CRAWLER_LOOP_ROPE_SCALES": "1,a"}, "CRAWLER_LOOP_ROPE_SCALES"),
+             ({"LOOP_DT": 0}, "LOOP_DT"),
+             ({"CRAWLER_MLP": "choke"}, "CRAWLER_MLP")]
+    for overrides, var in cases:
+        with pytest.raises(tg.HyperparameterError, match=var):
+            small_hp(**overrides)
+    with pytest.raises(tg.HyperparameterError, match="HELIX_MODE=cross_attn"):
+        tg.Hyperparameters.from_env({"HELIX_CROSS_ATTN": "1"})
