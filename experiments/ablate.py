@@ -971,18 +971,22 @@ def _plt():
     return plt
 
 
-def _arm_colors(names: Sequence[str]) -> dict[str, Any]:
-    """Control black; the others from tab10 without its green, red and grey (the bar chart's verdict colours)."""
+ARM_MARKERS = ("o", "s", "^", "D")
+
+
+def _arm_colors(names: Sequence[str]) -> dict[str, tuple[Any, str]]:
+    """(colour, marker) per arm. Control black; the others from tab10 without its green, red and grey
+    (the bar chart's verdict colours); past 7 arms the colours repeat with another marker."""
     cmap = _plt().get_cmap("tab10")
     palette = [cmap(i) for i in (0, 1, 4, 5, 6, 8, 9)]
-    colors, i = {}, 0
+    styles, i = {}, 0
     for name in names:
         if name == "control":
-            colors[name] = "black"
+            styles[name] = ("black", "o")
         else:
-            colors[name] = palette[i % len(palette)]
+            styles[name] = (palette[i % len(palette)], ARM_MARKERS[(i // len(palette)) % len(ARM_MARKERS)])
             i += 1
-    return colors
+    return styles
 
 
 def plot_curves(path: Path, exp: Experiment, rows: list[dict[str, str]], title: str) -> None:
@@ -1006,8 +1010,8 @@ def plot_curves(path: Path, exp: Experiment, rows: list[dict[str, str]], title: 
             if not pts:
                 continue
             steps, secs, bpb = zip(*pts)
-            style = dict(color=colors[name], ls=styles[seeds.index(int(r["seed"])) % len(styles)],
-                         lw=2.4 if name == "control" else 1.6, marker="o", ms=3.5)
+            style = dict(color=colors[name][0], ls=styles[seeds.index(int(r["seed"])) % len(styles)],
+                         lw=2.4 if name == "control" else 1.6, marker=colors[name][1], ms=4)
             label = name if first else None
             axes[0].plot(steps, bpb, label=label, **style)
             axes[1].plot(secs, bpb, **style)
