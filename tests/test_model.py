@@ -114,10 +114,14 @@ def test_flow_instructions_start_as_identity():
 @pytest.mark.parametrize("overrides", [
     {}, {"CRAWLER_POSITION": "bottleneck", "INST_DIM": 4}, {"NUM_CRAWLER_LAYERS": 0}, {"ROPE_DIMS": 0, "LN_SCALE": 0}])
 def test_causality(overrides):
-    model = make_model(**overrides)
-    x = ids(batch=1, seq=16)
+    assert_causal(make_model(**overrides), seq=16, cuts=(0, 5, 14))
+
+
+def assert_causal(model, seq, cuts):
+    """Changing the tokens after t leaves the loss at <= t alone, and moves it after t."""
+    x = ids(batch=1, seq=seq)
     base = model.token_nll(x, x)
-    for t in (0, 5, 14):
+    for t in cuts:
         changed = x.clone()
         changed[0, t + 1:] = (changed[0, t + 1:] + 7) % VOCAB
         after = model.token_nll(changed, x)
