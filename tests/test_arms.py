@@ -125,6 +125,8 @@ def test_arm_parameter_counts():
     assert arm_param_names("deliberation") == {"crawler_consensus", "crawler_delib_gate", "crawler_delib_pull"}
     plain = tg.count_unique_params(make_model())
     assert tg.count_unique_params(make_model(**ARMS["taps"])) - plain == 2 * dim * 8 + loops * 8 * dim
+    shared = make_model(**ARMS["taps_shared_bottleneck"])   # TAP_PER_LOOP=0, TAP_LAYERS=1: one read, one write
+    assert len(shared.crawler_tap_down) == 1 and len(shared.crawler_tap_up) == 1 and shared.tap_ids == {1}
     assert tg.count_unique_params(make_model(**ARMS["delta_net"])) - plain == 4 * dim * dim + dim * 2
     # choke_flat drops the shared down projection and adds per-loop hidden->C->dim.
     assert tg.count_unique_params(make_model(**ARMS["choke_flat"])) - plain == loops * (hidden * 8 + 8 * dim) - hidden * dim
