@@ -2,17 +2,21 @@
 # The main job. With CUDA: the production config under torchrun on FineWeb sp1024.
 # Without CUDA: the CPU demo profile on the bundled corpus (<= 10 minutes on 2 cores).
 # Any variable you set overrides the profile.
+# First it finds or makes a Python with requirements.txt installed (.ci/bootstrap.sh: PYTHON, the
+# active venv, .venv, or a new .venv) and runs everything below with it.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}
+. .ci/bootstrap.sh
+bootstrap_python run.sh || exit 1
+PY=$PYTHON
 
 case "${DRY_RUN:-0}" in
   1|true|yes|on)
     echo "run.sh: DRY_RUN: the production config's parameters, depth and estimated artifact bytes"
-    exec $PY train_gpt.py ;;
+    exec "$PY" train_gpt.py ;;
 esac
 
-gpus=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 if [ "$gpus" -gt 0 ]; then
   echo "run.sh: $gpus CUDA device(s): production config under torchrun on FineWeb sp1024"
   if ! ls data/datasets/fineweb10B_sp1024/fineweb_val_*.bin >/dev/null 2>&1; then
@@ -22,7 +26,8 @@ if [ "$gpus" -gt 0 ]; then
 fi
 
 echo "run.sh: no CUDA device: running the CPU demo profile on the bundled corpus"
-$PY data/prepare_local.py
+"$PY" data/prepare_local.py
+# ---- CPU demo profile: edit the values here (a variable set by the caller still wins) ----
 export DATA_PATH=${DATA_PATH:-data/datasets/local_sp1024}
 export TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/local_1024_bpe.model}
 export MODEL_DIM=${MODEL_DIM:-128}
@@ -44,4 +49,5 @@ export VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-100}
 export TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-50}
 export VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-65536}
 export QUANT_COMPARE=${QUANT_COMPARE:-1}
-exec $PY train_gpt.py
+# ---- end of the CPU demo profile ----
+exec "$PY" train_gpt.py

@@ -2,10 +2,10 @@
 # Pod setup, safe to re-run: Python packages, FlashAttention 3 on Hopper, checks, FineWeb data.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}
-
-echo "setup_pod: installing requirements.txt"
-$PY -m pip install -q -r requirements.txt
+# requirements.txt into the interpreter run.sh uses too (PYTHON, the active venv, .venv or python3).
+. .ci/bootstrap.sh
+bootstrap_python setup_pod || exit 1
+PY=$PYTHON
 
 is_hopper() {
   $PY - <<'PYEOF'

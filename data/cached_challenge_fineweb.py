@@ -125,6 +125,8 @@ def fetch_one(remote: str, dest: Path, *, download, repo_id: str, staging: Path)
     except Exception as e:  # any network/HTTP/hub error: the caller prints one line
         raise HubUnreachable(f"could not fetch {remote} from {repo_id} ({_one_line(e)})") from e
     src = Path(got)
+    # Not train_gpt.write_atomic: that takes the bytes in memory, while a shard here is a 200 MB
+    # file already on disk, moved (a rename, no copy) or streamed by copyfile into place.
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     if src.is_file() and not src.is_symlink() and staging.resolve() in src.resolve().parents:

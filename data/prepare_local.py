@@ -43,6 +43,7 @@ if str(REPO_ROOT) not in sys.path:  # allow `python data/prepare_local.py` from 
     sys.path.insert(0, str(REPO_ROOT))
 
 from data.shard_io import iter_shard_paths, write_shards  # noqa: E402
+from train_gpt import write_atomic  # noqa: E402
 
 DEFAULT_OUT_ROOT = REPO_ROOT / "data"
 MANIFEST_FORMAT = 1
@@ -277,13 +278,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def output_paths(out_root: Path, name: str) -> dict:

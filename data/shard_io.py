@@ -5,24 +5,27 @@ A shard is a 1024-byte header of 256 little-endian int32 values
 followed by that many little-endian uint16 token ids. A valid file is exactly
 1024 + 2 * num_tokens bytes long.
 
-The reader lives in train_gpt.py (`load_data_shard`) so the artifact stays
-self-contained; this module only writes, plus a cheap header check used by the
-downloader to decide whether a file on disk is complete.
+The format's constants, the reader (`load_data_shard`), its header check
+(`shard_num_tokens`) and `write_atomic` live in train_gpt.py, which must stay
+self-contained (it is the submission); this module imports them and only adds
+the writer side.
 """
 
 from __future__ import annotations
 
 import numbers
-import os
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # train_gpt.py sits at the repo root
+    sys.path.insert(0, str(REPO_ROOT))
+
+from train_gpt import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, shard_num_tokens, write_atomic  # noqa: E402
+
 MAX_TOKEN_ID = 65535  # tokens are stored as uint16
 DEFAULT_TOKENS_PER_SHARD = 100_000_000
 
@@ -50,7 +53,7 @@ def _to_uint16(tokens) -> np.ndarray:
 
 
 def make_header(num_tokens: int) -> bytes:
-    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
     header[0] = SHARD_MAGIC
     header[1] = SHARD_VERSION
     header[2] = num_tokens
@@ -58,23 +61,16 @@ def make_header(num_tokens: int) -> bytes:
 
 
 def write_shard(path, tokens) -> Path:
-    """Write one shard atomically (temp file in the same dir, then os.replace)."""
+    """Write one shard atomically (train_gpt.write_atomic: a temp name, then os.replace).
+
+    The whole file is built in memory first; our shards are at most
+    DEFAULT_TOKENS_PER_SHARD tokens (200 MB), which is affordable.
+    """
     path = Path(path)
     data = _to_uint16(tokens)
     if data.size > np.iinfo(np.int32).max:
         raise ValueError(f"too many tokens for one shard: {data.size}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(make_header(int(data.size)))
-            f.write(data.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, make_header(int(data.size)) + data.tobytes())
     return path
 
 
@@ -144,22 +140,13 @@ def write_shards(
 
 
 def shard_size_ok(path) -> bool:
-    """True when `path` has a valid header and exactly the size it declares.
-
-    Cheap completeness check (reads 1 KiB); not a substitute for the reader.
-    """
-    path = Path(path)
+    """True when `path` has a valid header and exactly the size it declares:
+    the trainer's own check (train_gpt.shard_num_tokens, reads 1 KiB), as a bool."""
     try:
-        size = path.stat().st_size
-        if size < HEADER_BYTES:
-            return False
-        with open(path, "rb") as f:
-            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
-    except OSError:
+        shard_num_tokens(path)
+    except (OSError, ValueError):
         return False
-    if int(header[0]) != SHARD_MAGIC or int(header[1]) != SHARD_VERSION:
-        return False
-    return size == HEADER_BYTES + 2 * int(header[2])
+    return True
 
 
 def iter_shard_paths(out_dir, prefix: str, split: str) -> Iterable[Path]:

@@ -12,8 +12,8 @@ import sentencepiece as spm
 import train_gpt
 from data import cached_challenge_fineweb as ccf
 from data import prepare_local
-from data.shard_io import (HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, shard_size_ok,
-                           write_shard, write_shards)
+from data.shard_io import shard_size_ok, write_shard, write_shards
+from train_gpt import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_shard_round_trip_and_exact_layout(tmp_path):
     assert len(raw) == 1024 + 2 * len(tokens)
     header = np.frombuffer(raw[:1024], dtype="<i4")
     assert header[:3].tolist() == [SHARD_MAGIC, SHARD_VERSION, len(tokens)] == [20240520, 1, 7]
-    assert HEADER_INTS == 256 and not header[3:].any()
+    assert SHARD_HEADER_INTS == 256 and not header[3:].any()
     assert np.frombuffer(raw[1024:], dtype="<u2").tolist() == tokens.tolist()
     assert read_tokens(path).tolist() == tokens.tolist()
     assert shard_size_ok(path)
