@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import train_gpt as tg
-from make_plain_golden import CONFIGS, golden_logits
+from make_plain_golden import BASE, CONFIGS
 from test_model import assert_causal, ids, make_model, small_hp
 
 # One small configuration per arm (and per mode where an arm has several).
@@ -55,14 +55,24 @@ def plain_and_arm(arm: str, fresh: bool) -> tuple[tg.CrawlerGPT, tg.CrawlerGPT]:
     return plain, on
 
 
+# Where the model before the arms kept what the LoopAdapter now owns.
+OLD_NAMES = {"loop_embed": "loops.embed", "inst_down.": "loops.inst_down.", "inst_up.": "loops.inst_up."}
+
+
+def renamed(name: str) -> str:
+    return next((new + name[len(old):] for old, new in OLD_NAMES.items() if name.startswith(old)), name)
+
+
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_every_arm_off_is_the_plain_crawler_bit_for_bit(config):
-    """tests/data/plain_crawler_golden.pt was written by the model as it was before the arms existed."""
+    """tests/data/plain_crawler_golden.pt holds weights, ids and logits of the model as it was before the
+    arms existed (make_plain_golden.py): today's model, every arm off, computes the same logits."""
     golden = torch.load(Path(__file__).parent / "data" / "plain_crawler_golden.pt")[config]
-    state, logits = golden_logits(config)
-    assert sorted(state) == golden["keys"]
-    assert math.isclose(sum(float(v.double().sum()) for v in state.values()), golden["param_sum"], rel_tol=1e-12)
-    torch.testing.assert_close(logits, golden["logits"], rtol=0, atol=1e-5)
+    model = tg.CrawlerGPT(tg.Hyperparameters.from_env({**BASE, **CONFIGS[config]}))
+    model.load_state_dict({renamed(k): v for k, v in golden["state"].items()}, strict=True)
+    with torch.no_grad():
+        logits = model.logits(golden["ids"])
+    torch.testing.assert_close(logits, golden["logits"], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("arm", STARTS_AS_PLAIN)
@@ -98,12 +108,12 @@ def test_arm_parameters_are_trained_and_quantized(arm):
     new = arm_param_names(arm)
     assert new, "an arm with parameters adds some"
     groups = {name: g for g, members in tg.route_params(model).items() for name, _ in members}
-    kinds = {n: tg.storage_kind(n, p, hp) for n, p in model.named_parameters()}
+    plan = tg.storage_plan(model, hp)
     for name in new:
         p = dict(model.named_parameters())[name]
-        assert name.startswith(tg.CRAWLER_PREFIXES), f"{name} must be quantized in the loop-aware phase 2"
+        assert name in plan.looped, f"{name} must be quantized in the loop-aware phase 2"
         assert groups[name] == ("muon" if p.ndim == 2 else "scalar"), name
-        assert kinds[name] == ("int6" if p.ndim == 2 else "fp16"), name
+        assert plan.kinds[name] == ("int6" if p.ndim == 2 else "fp16"), name
     # One training step moves every new parameter.
     x = ids(batch=2, seq=16)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in new}
@@ -114,19 +124,20 @@ def test_arm_parameters_are_trained_and_quantized(arm):
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in new)
     # The loop-aware GPTQ quantizes the new matrices with a Hessian (every one is reached by the forward).
     entries, cost = tg.quantize_model_(model, hp, "gptq", [ids(batch=2, seq=16, seed=s) for s in range(3)], tg.DistInfo())
-    matrices = {n for n in new if kinds[n] == "int6"}
+    matrices = {n for n in new if plan.kinds[n] == "int6"}
     assert matrices <= set(cost), matrices - set(cost)
     assert new <= set(entries)
 
 
 def test_arm_parameter_counts():
     dim, hidden, loops = 48, 96, 2
-    assert arm_param_names("loop_smear") == {"crawler_smear"}
-    assert arm_param_names("deliberation") == {"crawler_consensus", "crawler_delib_gate", "crawler_delib_pull"}
+    assert arm_param_names("loop_smear") == {"loops.smear"}
+    assert arm_param_names("deliberation") == {"loops.consensus", "loops.delib_gate", "loops.delib_pull"}
     plain = tg.count_unique_params(make_model())
     assert tg.count_unique_params(make_model(**ARMS["taps"])) - plain == 2 * dim * 8 + loops * 8 * dim
     shared = make_model(**ARMS["taps_shared_bottleneck"])   # TAP_PER_LOOP=0, TAP_LAYERS=1: one read, one write
-    assert len(shared.crawler_tap_down) == 1 and len(shared.crawler_tap_up) == 1 and shared.tap_ids == {1}
+    assert len(shared.loops.tap_down) == 1 and len(shared.loops.tap_up) == 1
+    assert [f.block for f in shared.schedules[2] if f.tap] == [1]
     assert tg.count_unique_params(make_model(**ARMS["delta_net"])) - plain == 4 * dim * dim + dim * 2
     # choke_flat drops the shared down projection and adds per-loop hidden->C->dim.
     assert tg.count_unique_params(make_model(**ARMS["choke_flat"])) - plain == loops * (hidden * 8 + 8 * dim) - hidden * dim
@@ -155,8 +166,14 @@ def test_loop_rope_scales_divide_inv_freq():
 
 
 def one_firing(model: tg.CrawlerGPT, x: torch.Tensor) -> torch.Tensor:
-    ctx = {"x0": x, "rope": model.rotary(x.size(1), x.device), "ve": None}
-    return model.crawl(x, ctx, model.hp.num_flat_layers, 1)[0]
+    """The crawler's loop 0 on x alone, as the forward runs it: enter, the crawler blocks, leave."""
+    rope = model.rotary(x.size(1), x.device)
+    carry = model.loops.start(x, rope, model.rotary)
+    firings = [f for f in model.schedules[1] if f.loop == 0]
+    anchor, h = model.loops.enter(x, firings[0], carry)
+    for f in firings:
+        h = model.blocks[f.block](h, x, carry.ropes[0], model.ln_scales[f.depth], model.xsa_at[f.depth], None, 0)
+    return model.loops.leave(h, anchor, firings[-1], carry)
 
 
 def test_contractive_loop_and_loop_smear_blend_the_firing_with_its_input():
@@ -166,13 +183,13 @@ def test_contractive_loop_and_loop_smear_blend_the_firing_with_its_input():
     full = one_firing(make_model(CRAWLER_LOOPS=1), x)
     torch.testing.assert_close(one_firing(make_model(CRAWLER_LOOPS=1, LOOP_DT=0.25), x), 0.75 * x + 0.25 * full)
     smear = make_model(CRAWLER_LOOPS=1, LOOP_SMEAR=1)
-    smear.crawler_smear.data.fill_(0.3)
+    smear.loops.smear.data.fill_(0.3)
     torch.testing.assert_close(one_firing(smear, x), 0.7 * full + 0.3 * x)
 
 
 def test_deliberation_consensus_gets_gradients_from_both_firings():
     model = wake(make_model(DELIBERATION=1))
-    consensus = model.crawler_consensus
+    consensus = model.loops.consensus
     assert isinstance(consensus, nn.Parameter) and consensus.requires_grad
     x = ids()
     model(x, x).backward()
@@ -181,9 +198,9 @@ def test_deliberation_consensus_gets_gradients_from_both_firings():
     grads = {}
     for pull in (0.3, 0.0):
         model.zero_grad()
-        model.crawler_delib_pull.data.fill_(pull)
+        model.loops.delib_pull.data.fill_(pull)
         model(x, x).backward()
-        grads[pull] = model.crawler_delib_gate.grad.abs().sum()
+        grads[pull] = model.loops.delib_gate.grad.abs().sum()
     assert grads[0.3] > 0 and grads[0.0] == 0
 
 
@@ -228,7 +245,7 @@ def test_chunked_delta_rule_is_causal_across_chunks():
         torch.testing.assert_close(after[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or tg._load_fla_delta_rule() is None,
+@pytest.mark.skipif(not torch.cuda.is_available() or tg.fla_delta_rule is None,
                     reason="needs a GPU and the fla package")
 def test_fla_chunk_delta_rule_matches_the_reference():
     q, k, v, beta = (t.cuda() for t in delta_inputs(200, seed=2, H=4, D=64))

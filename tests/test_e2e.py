@@ -58,18 +58,20 @@ def test_tiny_run_learns_and_reports(tiny_run):
 def test_size_accounting_matches_the_files(tiny_run):
     out, tmp, _ = tiny_run
     assert out["bytes_model"] == Path(out["artifact"]).stat().st_size
-    assert out["bytes_code"] == (ROOT / "train_gpt.py").stat().st_size
+    assert out["bytes_code"] == len(tg.packed_code()) < (ROOT / "train_gpt.py").stat().st_size
     assert out["bytes_total"] == out["bytes_code"] + out["bytes_model"]
 
 
 def test_records_folder_has_the_upstream_layout(tiny_run):
     out, _, _ = tiny_run
     folder = Path(out["records"])
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "submission.json", "train.log", "train_gpt.py"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "final_model.ptz", "submission.json", "train.log",
+                                                        "train_gpt.py"]
     sub = json.loads((folder / "submission.json").read_text())
     assert sub["val_bpb"] == out["val_bpb"] and sub["bytes_total"] == out["bytes_total"]
     assert len(sub["artifact_sha256"]) == 64
-    assert (folder / "train_gpt.py").read_bytes() == (ROOT / "train_gpt.py").read_bytes()
+    assert (folder / "train_gpt.py").read_bytes() == tg.packed_code()
+    assert (folder / "final_model.ptz").read_bytes() == Path(out["artifact"]).read_bytes()
 
 
 def test_eval_only_reproduces_the_score(tiny_run):
@@ -79,16 +81,25 @@ def test_eval_only_reproduces_the_score(tiny_run):
     assert again["bytes_model"] == out["bytes_model"]
 
 
-def test_over_the_cap_fails_loudly_or_prunes(tiny_run, local_corpus, tmp_path):
+def test_over_the_cap_fails_loudly_fits_or_prunes(tiny_run, local_corpus, tmp_path):
     out, _, _ = tiny_run
-    with pytest.raises(tg.ArtifactTooLarge, match="over the cap by"):
+    with pytest.raises(tg.ArtifactTooLarge, match="over the cap by|bytes over"):
         tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=5, VAL_LOSS_EVERY=0, SIZE_TARGET="none",
-                         SIZE_LIMIT=out["bytes_code"] + 1000))
-    cap = out["bytes_total"] - 12_000   # forces pruning whatever the last kB of this run's size; all +-1 zeroed frees ~22 kB
-    pruned = tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=60, VAL_LOSS_EVERY=0, SIZE_LIMIT=cap,
-                              SIZE_TARGET="prune", RUN_ID="pruned"))
-    assert pruned["bytes_total"] <= cap
-    assert log_values(tmp_path / "logs" / "pruned.txt", "prune_values_zeroed")[0] > 0
+                         SIZE_LIMIT=out["bytes_code"] + 1000, RUN_ID="over"))
+    assert (tmp_path / "artifacts" / "over.over_cap.ptz").exists() and not (tmp_path / "artifacts" / "over.ptz").exists()
+    # fit: a cap that binds (the model must shrink by a quarter) is met by the grid, with no pruning
+    cap = out["bytes_code"] + int(out["bytes_model"] * 0.75)
+    fitted = tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=60, VAL_LOSS_EVERY=0, SIZE_LIMIT=cap,
+                              SIZE_MARGIN=3000, RUN_ID="fitted"))
+    assert cap - 3000 <= fitted["bytes_total"] <= cap and fitted["pruned"] == 0
+    # prune: the absmax grid at a cap a few hundred bytes too small
+    absmax = tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=60, VAL_LOSS_EVERY=0, QUANT_CLIP="absmax",
+                              SIZE_TARGET="none", RUN_ID="absmax"))
+    pruned = tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=60, VAL_LOSS_EVERY=0, QUANT_CLIP="absmax",
+                              SIZE_LIMIT=absmax["bytes_total"] - 400, SIZE_TARGET="prune", RUN_ID="pruned"))
+    assert pruned["bytes_total"] <= absmax["bytes_total"] - 400 and pruned["pruned"] > 0
+    assert log_values(tmp_path / "logs" / "pruned.txt", "prune_values_zeroed")[0] == pruned["pruned"]
+    assert f"pruned_values:{pruned['pruned']}" in (tmp_path / "logs" / "pruned.txt").read_text().splitlines()[-1]
 
 
 def test_torchrun_two_processes_match_one(local_corpus, tmp_path):
@@ -167,13 +178,13 @@ def test_preflight_errors_name_the_problem(local_corpus, tmp_path):
     cpu = tg.torch.device("cpu")
     with pytest.raises(tg.HyperparameterError, match="ACCUM_SPLITS"):
         tg.preflight(hp, tg.DistInfo(rank=0, world_size=3), cpu)
-    with pytest.raises(FileNotFoundError, match="TRAIN_FILES"):
+    with pytest.raises(tg.DataError, match="VAL_FILES"):
         tg.preflight(tg.Hyperparameters.from_env({**env, "DATA_PATH": str(tmp_path)}), tg.DistInfo(), cpu)
     with pytest.raises(tg.HyperparameterError, match="EVAL_SEQ_LEN"):
         tg.preflight(tg.Hyperparameters.from_env({**env, "EVAL_SEQ_LEN": "100000"}), tg.DistInfo(), cpu)
     with pytest.raises(tg.HyperparameterError, match="TRAIN_BATCH_TOKENS"):
         tg.preflight(tg.Hyperparameters.from_env({**env, "TRAIN_BATCH_TOKENS": str(2**24)}), tg.DistInfo(), cpu)
-    with pytest.raises(FileNotFoundError, match="TOKENIZER_PATH"):
+    with pytest.raises(tg.DataError, match="TOKENIZER_PATH"):
         tg.preflight(tg.Hyperparameters.from_env({**env, "TOKENIZER_PATH": str(tmp_path / "nope.model")}), tg.DistInfo(), cpu)
 
 

@@ -1,4 +1,5 @@
-"""Model-level export: storage kinds, loop-aware GPTQ calibration, artifact round trip."""
+"""Model-level export: storage kinds, loop-aware GPTQ calibration by module membership, SDClip's fit to the
+cap, Hessian allocation, the artifact round trip."""
 import copy
 
 import pytest
@@ -16,14 +17,35 @@ def batches(n=3, seed=5):
 
 def test_storage_kinds_follow_the_knobs():
     model = make_model(INST_DIM=4)
-    kinds = {n: tg.storage_kind(n, p, model.hp) for n, p in model.named_parameters()}
+    kinds = tg.storage_plan(model, model.hp).kinds
     assert kinds["tok_emb.weight"] == "int8"
     assert kinds["flat.0.attn.q.weight"] == kinds["crawler.0.mlp.up.weight"] == "int6"
-    assert kinds["inst_down.weight"] == "int6"
-    assert kinds["crawler.0.attn.q_gain"] == kinds["loop_embed"] == kinds["skip_weights"] == "fp32"
+    assert kinds["loops.inst_down.weight"] == "int6"
+    assert kinds["crawler.0.attn.q_gain"] == kinds["loops.embed"] == kinds["skip_weights"] == "fp32"
     int8 = make_model(CRAWLER_QUANT_INT8=1)
-    assert tg.storage_kind("crawler.0.mlp.up.weight", int8.crawler[0].mlp.up.weight, int8.hp) == "int8"
-    assert tg.storage_kind("flat.0.mlp.up.weight", int8.flat[0].mlp.up.weight, int8.hp) == "int6"
+    kinds8 = tg.storage_plan(int8, int8.hp).kinds
+    assert kinds8["crawler.0.mlp.up.weight"] == "int8" and kinds8["flat.0.mlp.up.weight"] == "int6"
+
+
+def test_loop_aware_phase_is_decided_by_module_membership_not_names():
+    """A new per-loop module with an unrelated name, living in the LoopAdapter, is quantized in the
+    loop-aware phase with a Hessian summed over every loop."""
+    model = make_model(GPTQ_LOOP_AWARE=1)
+    model.loops.zebra = tg.CastedLinear(48, 48)
+    enter = model.loops.enter
+
+    def enter_with_zebra(x, f, carry):
+        anchor, x = enter(x, f, carry)
+        return anchor, x + 0.1 * model.loops.zebra(x)
+    model.loops.enter = enter_with_zebra
+    plan = tg.storage_plan(model, model.hp)
+    assert "loops.zebra.weight" in plan.looped and "flat.0.attn.q.weight" not in plan.looped
+    calls = []
+    model.loops.zebra.register_forward_pre_hook(lambda m, a: calls.append(1))
+    calib = batches()
+    entries, used = tg.quantize_model_(model, model.hp, "gptq", calib, CPU)
+    assert entries["loops.zebra.weight"]["kind"] == "int6" and "loops.zebra.weight" in used
+    assert len(calls) == 2 * len(calib) * 2   # phase 1 pass, then phase 2: every batch, every loop
 
 
 def test_loop_aware_phase_two_sees_the_quantized_flat_section():
@@ -35,11 +57,12 @@ def test_loop_aware_phase_two_sees_the_quantized_flat_section():
     entries, _ = tg.quantize_model_(model, model.hp, "gptq", calib, CPU)
     calls_per_pass = len(calib) * 2          # every batch fires the crawler once per loop
     assert len(seen) == 2 * calls_per_pass   # phase 1 pass, then the phase 2 re-collection
-    # Reference: the float model with only phase 1 (embedding + flat) replaced by its quantized values.
+    # Reference: the float model with only phase 1 (everything that runs once) replaced by its quantized values.
     reference = copy.deepcopy(float_model)
+    plan = tg.storage_plan(reference, reference.hp)
     state = reference.state_dict()
     for name, e in entries.items():
-        if e["kind"] in tg.QUANT_KINDS and not name.startswith(tg.CRAWLER_PREFIXES):
+        if e["kind"] in tg.QUANT_KINDS and name not in plan.looped:
             state[name] = tg.dequantize_rows(e["q"], e["scale"]).reshape(e["shape"])
     reference.load_state_dict(state)
     expected = []
@@ -63,11 +86,12 @@ def test_loop_aware_changes_the_crawler_quantization_only():
 @pytest.mark.parametrize("compressor", ["zstd", "brotli", "lzma"])
 def test_artifact_round_trip_rebuilds_the_quantized_model(tmp_path, compressor):
     model = make_model(INST_DIM=4, COMPRESSOR=compressor)
-    entries, cost = tg.quantize_model_(model, model.hp, "gptq", batches(), CPU)
+    entries, _ = tg.quantize_model_(model, model.hp, "gptq", batches(), CPU)
     path = tmp_path / "model.ptz"
-    tg.write_atomic(path, tg.pack_model(entries, cost, model.hp, tg.Logger(None)))
-    fresh = tg.load_artifact(path)
-    assert fresh is not model and fresh.hp == model.hp
+    tg.write_atomic(path, tg.pack_artifact(entries, tg.artifact_meta(model.hp), compressor))
+    fresh, meta = tg.load_artifact(path)
+    assert fresh is not model and fresh.hp.model_knobs() == model.hp.model_knobs()
+    assert "run_id" not in meta["model"] and "data_path" not in str(meta)   # counted bytes hold no paths or ids
     x = ids()
     torch.testing.assert_close(fresh.logits(x), model.logits(x), rtol=1e-5, atol=1e-5)
 
@@ -82,3 +106,53 @@ def test_foreign_or_mismatched_artifacts_are_refused(tmp_path):
     path.write_bytes(tg.pack_artifact(entries, tg.artifact_meta(model.hp), "zstd"))
     with pytest.raises(tg.ArtifactError, match="do not fit"):
         tg.load_artifact(path)
+    with pytest.raises(tg.ArtifactError, match="not an artifact file"):
+        tg.load_artifact(tmp_path)
+
+
+def test_hessian_allocation_with_equal_importance_is_uniform():
+    """Every group with the same Hessian trace per weight and the same row spread gets the same k."""
+    model = make_model(NUM_FLAT_LAYERS=2, EMBED_QUANT="fp16", QUANT_ALLOC="hessian")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    plan = tg.storage_plan(model, model.hp)
+    params = dict(model.named_parameters())
+    # H = c * I scaled so tr(H) * rows is the same per weight for every matrix: cost/n is equal
+    hessians = {n: torch.eye(params[n].shape[1]) / params[n].shape[1] for n in plan.linear}
+    rel = tg.relative_ks(model, model.hp, hessians)
+    spread = {round(v, 2) for v in rel.values()}
+    assert spread == {1.0}, spread
+    # Ten times the importance in one crawler block: that block gets a finer grid, the rest coarser.
+    boosted = {n: h * (10.0 if n.startswith("crawler.0.") else 1.0) for n, h in hessians.items()}
+    rel = tg.relative_ks(model, model.hp, boosted)
+    assert rel["crawler.0.mlp.up.weight"] < 1.0 < rel["flat.0.mlp.up.weight"]
+    assert rel["crawler.0.mlp.up.weight"] == pytest.approx(rel["flat.0.mlp.up.weight"] / 10 ** 0.5, rel=1e-6)
+
+
+def test_fit_search_lands_in_the_window(tmp_path):
+    """SIZE_TARGET=fit with a cap that binds: the real packed bytes land in [limit - margin, limit], no pruning."""
+    torch.manual_seed(0)
+    hp = tg.Hyperparameters.from_env({"VOCAB_SIZE": "96", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+                                      "ROPE_DIMS": "8", "NUM_FLAT_LAYERS": "2", "NUM_CRAWLER_LAYERS": "1",
+                                      "NGRAM_HASH": "none", "VE_DIM": "0", "QUANT": "rtn", "COMPRESSOR": "zstd",
+                                      "SIZE_TARGET": "none"})
+    model = tg.CrawlerGPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                torch.nn.init.normal_(p, std=0.02)
+    meta = tg.artifact_meta(hp)
+    at_default = tg.export_model(model, hp, [], CPU, tg.Logger(None), meta)   # fixed k = QUANT_K
+    code = len(tg.packed_code())
+    limit = code + int(len(at_default.blob) * 0.8)
+    fit_hp = tg.Hyperparameters.from_env({**{f.name.upper(): str(getattr(hp, f.name)) for f in tg.knob_fields()
+                                             if getattr(hp, f.name) != f.default},
+                                          "SIZE_TARGET": "fit", "SIZE_LIMIT": str(limit), "SIZE_MARGIN": "2000"})
+    out = tg.export_model(model, fit_hp, [], CPU, tg.Logger(None), meta)
+    assert limit - 2000 <= code + len(out.blob) <= limit and out.pruned == 0
+    assert out.quant_k > hp.quant_k and len(out.passes) <= 3
+    roomy = tg.export_model(model, tg.Hyperparameters(**{**fit_hp.__dict__, "size_limit": 16_000_000}), [], CPU,
+                            tg.Logger(None), meta)
+    assert roomy.quant_k == tg.K_MIN   # room to spare: the finest grid the search allows

@@ -38,6 +38,14 @@ def test_defaults_are_valid_and_env_overrides_types():
     ({"CRAWLER_LOPS": "2"}, "CRAWLER_LOPS"),
     ({"CRAWLER_FOO": "1"}, "CRAWLER_FOO"),                       # our prefix, no such knob
     ({"NUM_LAYERS": "9"}, "NUM_FLAT_LAYERS"),                    # the seeds' name: points to ours
+    ({"TRAIN_BATCH_SIZE": "8"}, "TRAIN_BATCH_TOKENS"),            # a common alternative name
+    ({"model_dim": "64"}, "did you mean MODEL_DIM"),              # lowercase is not silently ignored
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR"),                          # non-finite floats
+    ({"TIED_EMBED_LR": "inf"}, "TIED_EMBED_LR"),
+    ({"MAX_WALLCLOCK_SECONDS": "nan"}, "MAX_WALLCLOCK_SECONDS"),
+    ({"LOOP_DT": "nan"}, "LOOP_DT"),
+    ({"CRAWLER_LOOP_ROPE_SCALES": "1,nan"}, "CRAWLER_LOOP_ROPE_SCALES"),
+    ({"RUN_ID": "a/b"}, None),                                    # checked when the run starts (make_run_id)
     ({"TRIGRAM_VOCAB_SIZE": "8192"}, "NGRAM_HASH=trigram"),
     ({"TTT_BURST_EPOCHS": "2"}, "REPLAY_EPOCHS"),
     ({"VE_LAYERS": "crawlers"}, "VE_LAYERS"),
@@ -48,6 +56,10 @@ def test_defaults_are_valid_and_env_overrides_types():
     ({"GPTQ_RESERVE_SECONDS": "600"}, "GPTQ_RESERVE_SECONDS"),
 ])
 def test_bad_values_name_the_variable(env, var):
+    if var is None:
+        with pytest.raises(tg.HyperparameterError, match="RUN_ID"):
+            tg.make_run_id(tg.Hyperparameters.from_env(env), tg.DistInfo())
+        return
     with pytest.raises(tg.HyperparameterError, match=var):
         tg.Hyperparameters.from_env(env)
 
@@ -60,7 +72,7 @@ def test_typo_suggests_the_knob():
 def test_unrelated_environment_is_accepted():
     env = {"HOME": "/root", "PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0",
            "NCCL_DEBUG": "INFO", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "29500",
-           "PYTHONPATH": ".", "CI": "true", "SEEDS": "1,2", "HF_HOME": "/tmp", "LANG": "C.UTF-8"}
+           "PYTHONPATH": ".", "CI": "true", "HF_HOME": "/tmp", "LANG": "C.UTF-8"}
     tg.Hyperparameters.from_env(env)
     tg.Hyperparameters.from_env(dict(os.environ))
 
@@ -71,7 +83,7 @@ def test_readme_documents_every_knob():
     missing = [k for k in tg.knob_names() if f"| `{k}` |" not in readme]
     assert not missing, f"README knob table lacks {missing}; run python tests/readme_tables.py"
     assert readme_tables.render(readme) == readme, "README tables are stale; run python tests/readme_tables.py"
-    assert all(f"| `{old}` |" in readme for old in tg.RENAMED_KNOBS)
+    assert all(f"| `{old}` |" in readme for old in tg.ALIASES)
 
 
 def test_cli_rejects_typo_before_doing_anything(tmp_path):
@@ -91,3 +103,59 @@ def test_import_has_no_side_effects():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "clean"
+
+
+# Environment variables a researcher's shell, a pod image, CI or a library sets: never ours, always accepted.
+UNRELATED = """HOME PATH USER SHELL PWD OLDPWD TERM LANG LANGUAGE LC_ALL LC_CTYPE TZ HOSTNAME LOGNAME MAIL EDITOR VISUAL
+PAGER LESS DISPLAY SSH_AUTH_SOCK SSH_CLIENT SSH_CONNECTION SSH_TTY TMPDIR TMP TEMP XDG_RUNTIME_DIR XDG_CONFIG_HOME
+XDG_CACHE_HOME XDG_DATA_HOME XDG_SESSION_ID DBUS_SESSION_BUS_ADDRESS COLORTERM TERM_PROGRAM SHLVL _ PS1 HISTSIZE HISTFILE
+MANPATH INFOPATH LD_LIBRARY_PATH LD_PRELOAD LIBRARY_PATH CPATH PKG_CONFIG_PATH CC CXX CFLAGS CXXFLAGS LDFLAGS MAKEFLAGS
+PYTHONPATH PYTHONHASHSEED PYTHONUNBUFFERED PYTHONDONTWRITEBYTECODE PYTHONWARNINGS PYTHONFAULTHANDLER VIRTUAL_ENV
+CONDA_PREFIX CONDA_DEFAULT_ENV CONDA_EXE PIP_INDEX_URL PIP_NO_CACHE_DIR PIP_CONSTRAINT PIP_NO_INDEX OMP_NUM_THREADS
+MKL_NUM_THREADS OPENBLAS_NUM_THREADS NUMEXPR_NUM_THREADS KMP_AFFINITY CUDA_VISIBLE_DEVICES CUDA_HOME CUDA_PATH
+CUDA_LAUNCH_BLOCKING CUDNN_PATH NVIDIA_VISIBLE_DEVICES NVIDIA_DRIVER_CAPABILITIES NCCL_DEBUG NCCL_IB_DISABLE
+NCCL_P2P_DISABLE NCCL_SOCKET_IFNAME NCCL_TIMEOUT TORCH_LOGS TORCH_HOME TORCH_CUDA_ARCH_LIST TORCHINDUCTOR_CACHE_DIR
+TORCHINDUCTOR_FX_GRAPH_CACHE TORCH_COMPILE_DEBUG TORCHDYNAMO_VERBOSE TORCH_DISTRIBUTED_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING
+PYTORCH_CUDA_ALLOC_CONF TRITON_CACHE_DIR HF_HOME HF_TOKEN HF_HUB_OFFLINE HF_HUB_ENABLE_HF_TRANSFER HF_DATASETS_CACHE
+TRANSFORMERS_CACHE HUGGING_FACE_HUB_TOKEN WANDB_API_KEY WANDB_PROJECT WANDB_ENTITY WANDB_MODE WANDB_DIR RUNPOD_POD_ID
+RUNPOD_API_KEY RUNPOD_GPU_COUNT JUPYTER_TOKEN CI GITHUB_ACTIONS GITHUB_SHA GITHUB_REF GITHUB_WORKSPACE RUNNER_OS
+GIT_AUTHOR_NAME GIT_COMMITTER_EMAIL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION
+GOOGLE_APPLICATION_CREDENTIALS DOCKER_HOST KUBERNETES_SERVICE_HOST HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy
+https_proxy no_proxy SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE PYTEST_CURRENT_TEST PYTEST_ADDOPTS COLUMNS LINES
+PROFILE THRESHOLD BUDGET_MINUTES SLURM_JOB_ID""".split()
+
+
+def test_unrelated_names_are_accepted():
+    assert len(UNRELATED) >= 127
+    for var in UNRELATED:
+        tg.Hyperparameters.from_env({var: "1"})
+
+
+def typos(name: str) -> list[str]:
+    """The four kinds of one-edit typo: a letter dropped, doubled, swapped with its neighbour, replaced."""
+    letters = [i for i, c in enumerate(name) if c.isalpha()]
+    i, j = letters[len(letters) // 2], letters[-1]
+    swap = next(k for k in letters[:-1] if name[k] != name[k + 1] and name[k + 1].isalpha())
+    other = "Q" if name[j] != "Q" else "Z"
+    return [name[:i] + name[i + 1:], name[:i] + name[i] + name[i:],
+            name[:swap] + name[swap + 1] + name[swap] + name[swap + 2:], name[:j] + other + name[j + 1:]]
+
+
+def test_one_edit_typos_of_every_knob_are_rejected():
+    """Every knob, short ones included (SEED, HELIX, QUANT, RESUME): 4 typo kinds each, 100% rejected."""
+    names = tg.knob_names()
+    assert len(names) >= 30
+    missed = []
+    for name in names:
+        for typo in typos(name):
+            if typo in names:
+                continue
+            try:
+                tg.Hyperparameters.from_env({typo: "1"})
+                missed.append(typo)
+            except tg.HyperparameterError as err:
+                assert typo in str(err)
+    assert not missed, missed
+    for short in ("SED", "SEEDS", "RESME", "HEIX", "QUNT"):
+        with pytest.raises(tg.HyperparameterError, match=short):
+            tg.Hyperparameters.from_env({short: "1"})

@@ -1,5 +1,6 @@
 """Model, optimizer and eval-arithmetic contracts (CPU, deterministic)."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -41,7 +42,7 @@ def test_forward_shapes_and_depth(flat, crawler, loops, position):
                        CRAWLER_POSITION=position)
     x = ids()
     assert model.logits(x).shape == (2, 16, VOCAB)
-    assert model.token_nll(x, x).shape == (2, 16)
+    assert model(x, x, per_token=True).shape == (2, 16)
     assert model.hp.effective_depth == flat + crawler * loops
     calls = []
     for block in list(model.flat) + list(model.crawler):
@@ -56,35 +57,32 @@ def test_crawler_weights_are_shared_not_copied():
     # Extra loops add only their loop embeddings, never block weights.
     assert tg.count_unique_params(three) - tg.count_unique_params(one) == 2 * dim
     block_params = sum(p.numel() for b in list(three.flat) + list(three.crawler) for p in b.parameters())
-    others = three.tok_emb.weight.numel() + three.skip_weights.numel() + three.loop_embed.numel()
+    others = three.tok_emb.weight.numel() + three.skip_weights.numel() + three.loops.embed.numel()
     assert tg.count_unique_params(three) == block_params + others
 
 
-class PerLoopCopies(nn.ModuleList):
-    """Stands in for model.crawler: loop k runs its own untied copy of the blocks."""
-
-    def __init__(self, copies):
-        super().__init__(copies)
-        self.calls = 0
-
-    def __iter__(self):
-        copy_k = super().__getitem__(self.calls % len(self))
-        self.calls += 1
-        return iter(copy_k)
+def untie_loops(model: tg.CrawlerGPT) -> tg.CrawlerGPT:
+    """A copy of the model in which loop k runs its own untied copy of the crawler blocks: the schedule
+    is data, so re-pointing its crawler firings at per-loop copies is all it takes."""
+    untied, n_flat, n_crawl = copy.deepcopy(model), model.hp.num_flat_layers, model.hp.num_crawler_layers
+    copies = [copy.deepcopy(model.crawler) for _ in range(model.hp.crawler_loops)]
+    untied.loop_copies = nn.ModuleList(copies)
+    untied.blocks = [*untied.flat, *(b for c in copies for b in c)]
+    untied.schedules = {n: tuple(dataclasses.replace(f, block=n_flat + f.loop * n_crawl + f.block - n_flat) if f.loop >= 0 else f
+                                 for f in sched) for n, sched in untied.schedules.items()}
+    return untied
 
 
 def test_shared_gradient_is_the_sum_over_loops():
     loops = 3
     tied = make_model(CRAWLER_LOOPS=loops, INST_DIM=4)
-    untied = copy.deepcopy(tied)
-    untied.crawler = PerLoopCopies([copy.deepcopy(tied.crawler) for _ in range(loops)])
+    untied = untie_loops(tied)
     x = ids()
     loss_tied, loss_untied = tied(x, x), untied(x, x)
     torch.testing.assert_close(loss_tied, loss_untied)
     loss_tied.backward()
     loss_untied.backward()
-    copies = list(untied.crawler._modules.values())
-    assert untied.crawler.calls == loops
+    copies = list(untied.loop_copies)
     for name, p in tied.crawler.named_parameters():
         summed = sum(dict(c.named_parameters())[name].grad for c in copies)
         torch.testing.assert_close(p.grad, summed, rtol=1e-4, atol=1e-6)
@@ -95,7 +93,7 @@ def test_shared_gradient_is_the_sum_over_loops():
 
 def test_loop_embeddings_are_orthonormal():
     model = make_model(CRAWLER_LOOPS=5)
-    rows = model.loop_embed.detach() / model.hp.loop_embed_scale
+    rows = model.loops.embed.detach() / model.hp.loop_embed_scale
     torch.testing.assert_close(rows @ rows.T, torch.eye(5), atol=1e-5, rtol=0)
 
 
@@ -104,10 +102,10 @@ def test_flow_instructions_start_as_identity():
     torch.manual_seed(0)
     flow = tg.CrawlerGPT(small_hp(INST_DIM=8))
     flow.load_state_dict(plain.state_dict(), strict=False)
-    assert all(not up.weight.abs().sum() for up in flow.inst_up)
+    assert all(not up.weight.abs().sum() for up in flow.loops.inst_up)
     x = ids()
     torch.testing.assert_close(flow.logits(x), plain.logits(x))
-    nn.init.normal_(flow.inst_up[1].weight, std=0.1)   # once trained, the instructions matter
+    nn.init.normal_(flow.loops.inst_up[1].weight, std=0.1)   # once trained, the instructions matter
     assert not torch.allclose(flow.logits(x), plain.logits(x))
 
 
@@ -120,11 +118,11 @@ def test_causality(overrides):
 def assert_causal(model, seq, cuts):
     """Changing the tokens after t leaves the loss at <= t alone, and moves it after t."""
     x = ids(batch=1, seq=seq)
-    base = model.token_nll(x, x)
+    base = model(x, x, per_token=True)
     for t in cuts:
         changed = x.clone()
         changed[0, t + 1:] = (changed[0, t + 1:] + 7) % VOCAB
-        after = model.token_nll(changed, x)
+        after = model(changed, x, per_token=True)
         torch.testing.assert_close(after[0, :t + 1], base[0, :t + 1], rtol=0, atol=1e-6)
         assert not torch.allclose(after[0, t + 1:], base[0, t + 1:])
 
@@ -159,7 +157,7 @@ def test_every_parameter_routed_once():
     assert all(p.ndim == 2 for _, p in groups["muon"])
     assert [n for n, _ in groups["embed"]] == ["tok_emb.weight"]
     assert any(n.startswith("crawler.") for n, _ in groups["muon"])
-    assert "loop_embed" in [n for n, _ in groups["scalar"]]
+    assert "loops.embed" in [n for n, _ in groups["scalar"]]
     opts = tg.build_optimizers(model, model.hp, tg.DistInfo())
     assert sum(len(g["params"]) for o in opts for g in o.param_groups) == len(list(model.parameters()))
 
@@ -220,7 +218,7 @@ def test_sliding_eval_with_stride_equal_seq_len_is_plain_eval():
     luts.has_space[:] = False
     loss, bpb = tg.evaluate(model, tokens, luts, 16, 16, 64, tg.DistInfo(), torch.device("cpu"))
     x, y = tokens[:-1].view(8, 16), tokens[1:].view(8, 16)
-    plain = model.token_nll(x, y).double().mean().item()
+    plain = model(x, y, per_token=True).double().mean().item()
     assert loss == pytest.approx(plain, rel=1e-6)
     assert bpb == pytest.approx(plain / math.log(2) / 2, rel=1e-6)
     loss_sliding, _ = tg.evaluate(model, tokens, luts, 16, 4, 64, tg.DistInfo(), torch.device("cpu"))

@@ -88,7 +88,7 @@ def test_value_embeddings_zero_init_and_routed_to_the_right_blocks():
     x = ids()
     off, on = shared_pair({"VE_DIM": 8, "VE_LAYERS": "crawler"})
     assert_same(off, on, x)
-    assert hasattr(on.crawler[0].attn, "ve_proj") and not hasattr(on.flat[0].attn, "ve_proj")
+    assert on.crawler[0].attn.ve_proj is not None and on.flat[0].attn.ve_proj is None
     nn.init.normal_(on.crawler[0].attn.ve_proj.weight, std=0.1)
     assert_differs(off, on, x)
     assert small_hp(VE_DIM=8, VE_LAYERS="0,2").ve_block_ids() == {0, 2}
@@ -99,35 +99,47 @@ def test_value_embeddings_zero_init_and_routed_to_the_right_blocks():
     {"NGRAM_HASH": "bigram", "CRAWLER_POSITION": "bottleneck", "INST_DIM": 4}])
 def test_causality_with_the_stack_on(overrides):
     model = make_model(**overrides)
-    if hasattr(model, "smear"):
+    if model.smear is not None:
         model.smear.lam.data.fill_(0.5)
     x = ids(batch=1, seq=16)
-    base = model.token_nll(x, x)
+    base = model(x, x, per_token=True)
     for t in (0, 6, 13):
         changed = x.clone()
         changed[0, t + 1:] = (changed[0, t + 1:] + 5) % VOCAB
-        torch.testing.assert_close(model.token_nll(changed, x)[0, :t + 1], base[0, :t + 1], rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(changed, x, per_token=True)[0, :t + 1], base[0, :t + 1], rtol=0, atol=1e-6)
 
 
-def test_fake_quant_is_the_export_grid_with_straight_through_gradients():
+def fake_quantized(w, bits=6, noise=False, clip=("absmax", 0.0)):
+    return w + tg.fake_quant_delta(w, bits, noise, *clip)
+
+
+@pytest.mark.parametrize("clip", [("absmax", 0.0), ("sdclip", 12.85), ("sdclip", 3.0)])
+def test_fake_quant_is_the_export_grid_with_straight_through_gradients(clip):
     w = torch.randn(16, 40, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    fq = tg.fake_quant(w, 6, noise=False)
-    torch.testing.assert_close(fq.detach(), tg.dequantize_rows(*tg.quantize_rows(w.detach(), 6)), rtol=0, atol=0)
+    fq = fake_quantized(w, clip=clip)
+    export = tg.quantize_rows(w.detach(), 6, tg.row_clip(w.detach(), *clip))
+    torch.testing.assert_close(fq.detach(), tg.dequantize_rows(*export), rtol=0, atol=0)
     g = torch.randn_like(w)
     (fq * g).sum().backward()
     torch.testing.assert_close(w.grad, g)
-    noisy = tg.fake_quant(w.detach(), 6, noise=True)
-    scale = tg.quantize_rows(w.detach(), 6)[1].float()[:, None]
+    noisy = fake_quantized(w.detach(), noise=True, clip=clip)
+    scale = export[1].float()[:, None]
     assert ((noisy - w.detach()).abs() <= scale / 2 + 1e-6).all() and not torch.equal(noisy, w.detach())
 
 
 def test_qat_switch_changes_the_forward_only_where_asked():
     model, x = make_model(), ids()
     before = model.logits(x)
-    model.set_qat(0, 6, crawler_noise=False)
+    model.setup_qat(small_hp(QAT_CRAWLER_ONLY=1))
+    model.set_qat(False)
+    torch.testing.assert_close(model.logits(x), before, rtol=0, atol=0)   # set up but off: the same model
     assert model.flat[0].attn.q.qat_bits == 0 and model.crawler[0].attn.q.qat_bits == 6
+    assert model.crawler[0].attn.q.qat_noise and not model.flat[0].attn.q.qat_noise
+    model.set_qat(True)
     assert not torch.allclose(model.logits(x), before)
-    model.set_qat(0, 0, crawler_noise=False)
+    model.setup_qat(small_hp(CRAWLER_QUANT_INT8=1))
+    assert model.flat[0].attn.q.qat_bits == 6 and model.crawler[0].attn.q.qat_bits == 8
+    model.set_qat(False)
     torch.testing.assert_close(model.logits(x), before, rtol=0, atol=0)
 
 
