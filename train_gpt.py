@@ -170,6 +170,8 @@ class Hyperparameters:
     warmup_steps: int = knob(20, "compile-priming steps, undone before training (only with COMPILE on)", lo=0)
     warmdown_iters: int = knob(3500, "linear LR decay over the last N steps (wallclock-estimated)", lo=0)
     compile: str = knob("auto", "torch.compile the model: auto = on for CUDA, off on CPU", choices=("auto", "0", "1"))
+    compile_backend: str = knob("inductor", "torch.compile backend (aot_eager/eager: the CPU tests, or to debug a compile "
+                                "problem)", choices=("inductor", "aot_eager", "eager"))
     matrix_lr: float = knob(0.025, "Muon learning rate (block matrices)", lo=0.0)
     scalar_lr: float = knob(0.025, "Adam learning rate (vectors, gains, loop embeddings)", lo=0.0)
     tied_embed_lr: float = knob(0.035, "Adam learning rate (tied embedding)", lo=0.0)
@@ -1289,10 +1291,10 @@ def arm_param_counts(model: CrawlerGPT) -> dict[str, int]:
 NS5_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
+def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
     """Approximately orthogonalise a matrix (all singular values pushed near 1); bf16 on a GPU."""
     a, b, c = NS5_COEFFS
-    x = grad.bfloat16() if grad.is_cuda else grad.float()
+    x = grad.to(dtype or (torch.bfloat16 if grad.is_cuda else torch.float32))
     x = x / (x.norm() + eps)
     transposed = x.size(0) > x.size(1)
     if transposed:
@@ -1368,7 +1370,8 @@ def build_optimizers(model: CrawlerGPT, hp: Hyperparameters, dinfo: DistInfo, co
         torch.optim.AdamW([p for _, p in groups["scalar"]], lr=hp.scalar_lr, **adam),
     ]
     if groups["muon"]:
-        ortho = torch.compile(newton_schulz5, fullgraph=True, dynamic=True) if compiled else newton_schulz5
+        ortho = torch.compile(newton_schulz5, backend=hp.compile_backend, fullgraph=True, dynamic=True) if compiled \
+            else newton_schulz5
         opts.append(Muon([p for _, p in groups["muon"]], hp.matrix_lr, hp.muon_momentum, hp.muon_backend_steps,
                          hp.muon_wd, dinfo.rank, dinfo.world_size, ortho))
     for opt in opts:
@@ -2475,7 +2478,7 @@ def compile_model(model: nn.Module, hp: Hyperparameters, device: torch.device) -
     torch._inductor.config.emulate_precision_casts = True
     torch._dynamo.config.recompile_limit = COMPILE_GRAPH_BUDGET
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(model, dynamic=False, fullgraph=True)
+    return torch.compile(model, backend=hp.compile_backend, dynamic=False, fullgraph=True)
 
 
 # Graphs one CrawlerGPT.forward may compile: training at each loop count (cadence, schedules), the
