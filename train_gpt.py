@@ -136,6 +136,9 @@ class Hyperparameters:
     ve_layers: str = knob("crawler", "blocks whose attention values get the value embedding: crawler | flat | all | "
                           "comma list of unique-block indices (flat blocks first)", model=True)
     crawler_cadence: int = knob(1, "all crawler loops fire on every k-th step, one loop otherwise (1 = always)", lo=1)
+    crawler_loops_schedule: str = knob("", "progressive recurrence, f:n,...: n crawler loops from fraction f of the training "
+                                       "(time when capped, else steps), e.g. 0:1,0.5:2; empty = CRAWLER_LOOPS throughout; "
+                                       "evaluation always runs every loop")
     # --- crawler research arms: each is off by default, and off is the plain crawler bit for bit
     delta_net_heads: int = knob(0, "DeltaNet: a delta-rule linear-attention sublayer with this many heads in every "
                                 "crawler block (0 = off)", lo=0, model=True)
@@ -204,7 +207,12 @@ class Hyperparameters:
     distill_lr_scale: float = knob(0.05, "LR multiple during distillation", lo=0.0)
     checkpoint_every: int = knob(0, "write a resumable checkpoint every N steps (0 = off)", lo=0)
     resume: bool = knob(False, "continue RUN_ID from its last checkpoint in ARTIFACT_DIR")
-    dry_run: bool = knob(False, "build the model, print parameters, depth and estimated artifact bytes, then exit")
+    dry_run: bool = knob(False, "build the model, print parameters, depth, the k the cap implies, estimated artifact "
+                         "bytes and the pod cost model (FLOPs, ms/step, steps, memory, eval and export seconds), then exit")
+    rehearsal: bool = knob(False, "pod rehearsal: the production code path at production shapes for 2 steps of one "
+                           "sequence per micro-batch, compile warm-up with QAT, the full-size export with the real "
+                           "compressor, a reload and an 8-window eval; prints each phase's seconds")
+    pod_gpus: int = knob(8, "H100s the DRY_RUN cost model projects for", lo=1)
     # --- evaluation and logging
     val_loss_every: int = knob(1000, "validate every N steps (0 = only at the end)", lo=0)
     val_batch_size: int = knob(524288, "tokens per validation batch, all ranks together", lo=1)
@@ -270,6 +278,7 @@ class Hyperparameters:
         require(self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"{self.eval_stride} exceeds EVAL_SEQ_LEN={self.eval_seq_len}")
         require(self.size_target != "fit" or self.quant_clip == "sdclip", "SIZE_TARGET",
                 "fit chooses the SDClip k; it needs QUANT_CLIP=sdclip (or use SIZE_TARGET=prune/none with absmax)")
+        self.loops_schedule()  # raises on a malformed CRAWLER_LOOPS_SCHEDULE
         self.ve_block_ids()  # raises on a malformed VE_LAYERS
         self._check_arms()
 
@@ -310,6 +319,22 @@ class Hyperparameters:
         require(len(scales) == self.crawler_loops and min(scales) > 0, "CRAWLER_LOOP_ROPE_SCALES",
                 f"{scales}: need CRAWLER_LOOPS={self.crawler_loops} positive values")
         return scales
+
+    def loops_schedule(self) -> list[tuple[float, int]]:
+        """[(from fraction, loops)] in order; [(0, CRAWLER_LOOPS)] when no schedule is set."""
+        if not self.crawler_loops_schedule:
+            return [(0.0, self.crawler_loops)]
+        try:
+            steps = [(float(f), int(n)) for f, n in (item.split(":") for item in self.crawler_loops_schedule.split(","))]
+        except ValueError:
+            raise HyperparameterError(f"CRAWLER_LOOPS_SCHEDULE={self.crawler_loops_schedule!r}: expected f:n,... "
+                                      "e.g. 0:1,0.5:2") from None
+        fracs = [f for f, _ in steps]
+        require(fracs[0] == 0 and fracs == sorted(set(fracs)) and fracs[-1] < 1, "CRAWLER_LOOPS_SCHEDULE",
+                f"{self.crawler_loops_schedule!r}: fractions must start at 0, rise, and stay below 1")
+        require(all(1 <= n <= self.crawler_loops for _, n in steps), "CRAWLER_LOOPS_SCHEDULE",
+                f"{self.crawler_loops_schedule!r}: loop counts must lie in 1..CRAWLER_LOOPS={self.crawler_loops}")
+        return steps
 
     def ve_block_ids(self) -> set[int]:
         """Unique-block indices (flat blocks first, then crawler blocks) that add value embeddings."""
@@ -771,6 +796,8 @@ def attention_backend(device: torch.device) -> str:
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     """q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,D]; GQA without repeating k/v."""
+    if backend == "count":   # the cost model counts attention's T^2 matmuls itself; k and v stay in the graph
+        return q + 0 * (k.mean() + v.mean())
     if backend == "fa3":
         out = fa3_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
         return (out[0] if isinstance(out, tuple) else out).to(q.dtype)
@@ -1202,7 +1229,8 @@ class CrawlerGPT(nn.Module):
             x = self.smear(x, ids)
         x = rms_norm(x)
         # Under autocast the residual stream lives in the compute dtype (half the activation memory).
-        return x.to(torch.get_autocast_dtype(x.device.type)) if torch.is_autocast_enabled(x.device.type) else x
+        kind = x.device.type
+        return x.to(torch.get_autocast_dtype(kind)) if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind) else x
 
     def hidden(self, ids: Tensor, loops: int | None = None) -> Tensor:
         """loops < CRAWLER_LOOPS runs a shortened crawler (the cadence's single-loop steps)."""
@@ -2188,8 +2216,16 @@ class Trainer:
         return loss
 
     def loops_for(self, step: int) -> int:
-        cadence = self.hp.crawler_cadence
-        return self.hp.crawler_loops if cadence == 1 or step % cadence == 0 else 1
+        """The schedule's loop count at this point of training; cadence runs one loop off its beat."""
+        hp = self.hp
+        progress = self.elapsed / hp.train_time_cap if hp.train_time_cap > 0 else step / max(hp.iterations, 1)
+        loops = [n for f, n in hp.loops_schedule() if progress >= f][-1]
+        return loops if hp.crawler_cadence == 1 or step % hp.crawler_cadence == 0 else 1
+
+    def loop_counts(self) -> list[int]:
+        """Every loop count the run will train with: each is a graph to compile before the clock starts."""
+        counts = {n for _, n in self.hp.loops_schedule()} | ({1} if self.hp.crawler_cadence > 1 else set())
+        return sorted(counts, reverse=True)
 
     def set_qat(self, scale: float) -> None:
         """Late QAT switches on once, when the LR scale first drops below the threshold."""
@@ -2208,9 +2244,10 @@ class Trainer:
             return
         saved = self.snapshot()
         t0 = time.perf_counter()
-        for s in range(self.hp.warmup_steps):
-            self.model.set_qat(self.hp.late_qat_threshold > 0 and s >= self.hp.warmup_steps // 2)
-            self.train_step(self.next_batches(), 1.0, muon_momentum(self.hp, 0), self.loops_for(s))
+        counts = self.loop_counts()
+        for s in range(max(self.hp.warmup_steps, 2 * len(counts))):
+            self.model.set_qat(self.hp.late_qat_threshold > 0 and s % 2 == 1)
+            self.train_step(self.next_batches(), 1.0, muon_momentum(self.hp, 0), counts[(s // 2) % len(counts)])
         self.model.set_qat(False)
         self.restore(saved)
         self.log(f"warmup:done steps:{self.hp.warmup_steps} seconds:{time.perf_counter() - t0:.1f}")
@@ -2500,11 +2537,15 @@ def build_training(hp: Hyperparameters, data: RunData, dinfo: DistInfo, device: 
     if dinfo.distributed:
         step_model = nn.parallel.DistributedDataParallel(
             step_model, device_ids=[dinfo.local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
-            find_unused_parameters=bool(unused_at_one_loop(model)) and hp.crawler_cadence > 1)
+            find_unused_parameters=bool(trainer_min_loops(hp) < hp.crawler_loops and unused_at_one_loop(model)))
     log.kv(compile=int(hp.use_compile(device)), accum_steps=hp.accum_splits // dinfo.world_size)
     loader = DistributedTokenLoader(data.train_files, dinfo, device, hp.vocab_size)
     optimizers = build_optimizers(model, hp, dinfo, compiled=hp.use_compile(device))
     return Trainer(hp, dinfo, device, model, step_model, optimizers, loader, log, Path(hp.artifact_dir) / f"{run_id}.ckpt")
+
+
+def trainer_min_loops(hp: Hyperparameters) -> int:
+    return 1 if hp.crawler_cadence > 1 else min(n for _, n in hp.loops_schedule())
 
 
 def unused_at_one_loop(model: CrawlerGPT) -> list[str]:
@@ -2607,9 +2648,14 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
         log_startup(log, hp, dinfo, device)
         return dry_run(hp, log)
     timer = PhaseTimer()
+    if hp.rehearsal:   # production shapes, two small steps: the pod's first minute, run anywhere
+        hp = dataclasses.replace(hp, iterations=2, warmup_steps=2, max_wallclock_seconds=0, val_loss_every=0,
+                                 train_batch_tokens=hp.accum_splits * hp.train_seq_len, gptq_calib_batches=2)
     with timer.phase("checks"):
         data = preflight(hp, dinfo, device)
         check_fresh_run(hp, run_id, dinfo)
+    if hp.rehearsal:
+        data.val_tokens = data.val_tokens[:hp.eval_seq_len + 8 * hp.eval_stride + 1]
     log = Logger(log_path if dinfo.master else None, append=hp.resume)
     log_startup(log, hp, dinfo, device)
     log.kv(train_shards=len(data.train_files), val_tokens=data.val_tokens.numel(), attention=data.backend,
@@ -2689,10 +2735,65 @@ def check_submission_hash(artifact: Path) -> None:
             "— the file was changed after submission", ArtifactError)
 
 
+# Pod cost anchors (8xH100 SXM, bf16 dense peak 989 TFLOP/s): the seeds' 4 flat + 2 crawler x 2, dim 640, at
+# 786,432 tokens a step took 78-85 ms; the upstream baseline (9 x 512, MLP 2x, seq 1024) at 524,288 took 43.5 ms.
+# A step costs FLOPs / (GPUs * peak * POD_MFU) + POD_STEP_OVERHEAD_S (optimizer, collectives, launches): the two
+# constants are the exact fit to those two anchors (FLOPs as flops_per_token counts them; tests check it).
+H100_BF16_FLOPS, POD_MFU, POD_STEP_OVERHEAD_S = 989e12, 0.536, 0.02678
+FINEWEB_VAL_TOKENS = 62_000_000   # the first 50,000 validation documents
+
+
+def flops_per_token(hp: Hyperparameters, seq_len: int, train: bool = True) -> float:
+    """Training (forward + backward) or forward FLOPs per token: torch's flop counter on the meta device, with
+    attention's T^2 matmuls added by hand, causal (half the scores) and FlashAttention's backward at 2.5x."""
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    with torch.device("meta"):
+        model = CrawlerGPT(hp)
+    model.set_backends("count")
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = model(ids, ids)
+        if train:
+            loss.backward()
+    attention = hp.effective_depth * 2 * seq_len * hp.model_dim * (3.5 if train else 1.0)
+    return counter.get_total_flops() / seq_len + attention
+
+
+def activation_bytes_per_token(hp: Hyperparameters) -> float:
+    """Bytes the backward keeps per training token (weights and attention scores excluded: FlashAttention
+    keeps none), counted on the meta device in fp32; bf16 autocast stores most of them at half."""
+    with torch.device("meta"):
+        model = CrawlerGPT(hp)
+    model.set_backends("count")
+    params, saved = {id(p) for p in model.parameters()}, [0]
+
+    def keep(t: Tensor) -> Tensor:
+        saved[0] += 0 if id(t) in params else t.numel() * t.element_size()
+        return t
+    ids = torch.zeros(1, hp.train_seq_len, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(ids, ids)
+    return saved[0] / hp.train_seq_len
+
+
+def pod_cost(hp: Hyperparameters) -> dict:
+    """The pod's bill for this config: ms/step, steps in the budget, memory, eval and export seconds."""
+    train_flops = flops_per_token(hp, hp.train_seq_len)
+    step_s = train_flops * hp.train_batch_tokens / (hp.pod_gpus * H100_BF16_FLOPS * POD_MFU) + POD_STEP_OVERHEAD_S
+    windows = FINEWEB_VAL_TOKENS / hp.eval_stride
+    eval_flops = flops_per_token(hp, hp.eval_seq_len, train=False) * hp.eval_seq_len * windows
+    micro_tokens = hp.train_batch_tokens // hp.accum_splits
+    return {"flops_per_token": train_flops, "pod_ms_per_step": 1000 * step_s,
+            "pod_steps": int(hp.train_time_cap / step_s) if hp.train_time_cap else hp.iterations,
+            "activation_gib_per_gpu": activation_bytes_per_token(hp) / 2 * micro_tokens / 2**30,
+            "pod_eval_seconds": eval_flops / (hp.pod_gpus * H100_BF16_FLOPS * POD_MFU)}
+
+
 def dry_run(hp: Hyperparameters, log: Logger) -> dict:
-    """The artifact the cap implies, without training: SDClip's fit on Gaussian rows. Bytes of an SDClip
-    grid depend on the shape of a row's distribution, not its scale, and trained rows are at most a
-    little heavier-tailed than Gaussian (which compress a little better at the same k)."""
+    """The artifact the cap implies and the pod's bill, without data or training. Bytes: SDClip's fit on
+    Gaussian rows (an SDClip grid's bytes depend on the shape of a row's distribution, not its scale;
+    trained rows are a little heavier-tailed, which compresses a little better at the same k)."""
     t0 = time.perf_counter()
     model = CrawlerGPT(hp)
     with torch.no_grad():
@@ -2701,25 +2802,30 @@ def dry_run(hp: Hyperparameters, log: Logger) -> dict:
                 nn.init.normal_(p, std=p.size(1) ** -0.5)
     plan, meta, budget = storage_plan(model, hp), artifact_meta(hp), hp.size_limit - len(packed_code())
     rel = relative_ks(model, hp, {})
+    t_curve = time.perf_counter()
     curve = [(m, estimate_model_bytes(model, hp, ks_at(rel, m), meta))
              for m in sorted({min(max(hp.quant_k * f, K_MIN), K_MAX) for f in (0.5, 1.0, 2.0)})]
+    curve_s = time.perf_counter() - t_curve
     m = min(max(solve_log_k(curve, budget - hp.size_margin / 2), K_MIN), K_MAX) if hp.size_target == "fit" else hp.quant_k
     probe = copy.deepcopy(model)
-    quantize_model_(probe, hp, "rtn", [], DistInfo(), ks_at(rel, m))
+    entries, _ = quantize_model_(probe, hp, "rtn", [], DistInfo(), ks_at(rel, m))
     quantized = [n for n, kind in plan.kinds.items() if kind in QUANT_KINDS]
     before, after = dict(model.named_parameters()), dict(probe.named_parameters())
     mse = sum((before[n] - after[n]).square().sum().item() for n in quantized) / sum(before[n].square().sum().item() for n in quantized)
-    by_kind: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        by_kind[plan.kinds[name]] = by_kind.get(plan.kinds[name], 0) + p.numel()
+    sample = next(e["q"] for n, e in entries.items() if n in quantized).reshape(-1)[:2**20].numpy().tobytes()
+    t_pack = time.perf_counter()
+    compress_bytes(sample, hp.compressor, compressor_level(hp))
+    pack_s = (time.perf_counter() - t_pack) * raw_model_bytes(model, hp) / len(sample)
     model_bytes = round(solve_bytes(curve, m))
     out = {"unique_params": count_unique_params(model), "effective_depth": hp.effective_depth, "quant_k": m,
-           "bytes_model_estimate": model_bytes, "bytes_code": len(packed_code()), "bytes_code_source": len(source_bytes()),
-           "bytes_total_estimate": model_bytes + len(packed_code()), "relative_mse": mse}
+           "relative_mse": mse, "bytes_model_estimate": model_bytes, "bytes_code": len(packed_code()),
+           "bytes_code_source": len(source_bytes()), "bytes_total_estimate": model_bytes + len(packed_code()),
+           **pod_cost(hp), "export_seconds_estimate": curve_s + 2 * pack_s}
+    out["fits"] = out["bytes_total_estimate"] <= hp.size_limit
     log.kv(dry_run=1, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in out.items()},
-           params_by_kind=",".join(f"{k}={v}" for k, v in sorted(by_kind.items())), cap=hp.size_limit,
-           headroom=hp.size_limit - out["bytes_total_estimate"], fits=int(out["bytes_total_estimate"] <= hp.size_limit),
-           estimate="gaussian_rows_sdclip_fit", seconds=f"{time.perf_counter() - t0:.1f}")
+           cap=hp.size_limit, headroom=hp.size_limit - out["bytes_total_estimate"], estimate="gaussian_rows_sdclip_fit",
+           pod=f"{hp.pod_gpus}xH100_mfu{POD_MFU}_overhead{1000 * POD_STEP_OVERHEAD_S:.1f}ms",
+           seconds=f"{time.perf_counter() - t0:.1f}")
     return out
 
 

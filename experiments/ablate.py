@@ -211,7 +211,7 @@ def plot_bars(path: Path, table: pd.DataFrame, threshold: float, title: str) -> 
                     "  no finished pair", (1.0, y), xycoords=("axes fraction", "data"), va="center", fontsize=9)
     for x in (-threshold, 0, threshold):
         ax.axvline(x, color="gray" if x else "black", ls="--" if x else "-", lw=1 if x else 1.2)
-    ax.set(yticks=range(len(arms)), yticklabels=arms.index, ylim=(len(arms) - 0.5, -0.5), title=title,
+    ax.set(yticks=range(len(arms)), yticklabels=arms.index, ylim=(max(len(arms), 1) - 0.5, -0.5), title=title,
            xlabel=f"val_bpb, arm − control: mean over seeds with 95% CI (lower is better; dashed ±{threshold:g})")
     ax.grid(axis="x", alpha=0.3)
     ax.figure.savefig(path, dpi=110, bbox_inches="tight")
@@ -380,8 +380,8 @@ class Sweep:
             row.update(status="failed", error=error)
             self.say(f"ablate: {run.arm.name} seed {run.seed}: FAILED {error}")
         others = self.rows[(self.rows.arm != run.arm.name) | (self.rows.seed != run.seed)]   # a retry replaces
-        rows = pd.DataFrame([*others.to_dict("records"), row]).replace(r"[\t\n]", " ", regex=True)
-        text = rows.to_csv(sep="\t", index=False, float_format="%.10g")
+        rows = pd.DataFrame([*others.to_dict("records"), row], columns=list(dict.fromkeys([*others.columns, *row])))
+        text = rows.replace(r"[\t\n]", " ", regex=True).to_csv(sep="\t", index=False, float_format="%.10g")
         train_gpt.write_atomic(self.tsv, text.encode())
         self.rows, self.ran = read_results(self.tsv), self.ran + 1     # the dtypes as a later sweep reads them
 
@@ -412,7 +412,7 @@ class Sweep:
         todo = self.todo()
         weights = [estimates[r.arm.name] if estimates else 1.0 for r in todo]
         bar_format = "{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ETA {remaining}"
-        with tqdm(total=sum(weights), bar_format=bar_format, smoothing=0, file=sys.stderr) as bar:
+        with tqdm(total=sum(weights), bar_format=bar_format, smoothing=0, file=sys.stderr, disable=not todo) as bar:
             for i, (run, weight) in enumerate(zip(todo, weights), 1):
                 bar.set_description_str(f"run {i}/{len(todo)} {run.arm.name} s{run.seed}")
                 self.run_one(run, bar.refresh)

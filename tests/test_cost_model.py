@@ -1,0 +1,37 @@
+"""DRY_RUN's two promises, without a pod: the production default fits the cap at a sane SDClip k, and the
+cost model matches the seeds' measured 8xH100 step times (FLOPs from torch's counter on the meta device)."""
+import pytest
+
+import train_gpt as tg
+
+# The upstream naive baseline in our knobs: 9 x 512, 8/4 heads, MLP 2x relu^2, full RoPE, no stack, seq 1024.
+BASELINE = {"NUM_FLAT_LAYERS": "9", "NUM_CRAWLER_LAYERS": "0", "MODEL_DIM": "512", "NUM_HEADS": "8", "NUM_KV_HEADS": "4",
+            "MLP_MULT": "2", "MLP_ACT": "relu2", "ROPE_DIMS": "0", "NGRAM_HASH": "none", "VE_DIM": "0", "XSA_LAST_N": "0",
+            "TRAIN_SEQ_LEN": "1024", "TRAIN_BATCH_TOKENS": "524288"}
+ANCHORS = [({}, 78.0, 85.0),            # the seeds' 4 flat + 2 crawler x 2, dim 640, 786,432 tokens/step
+           (BASELINE, 43.5, 43.5)]     # the upstream baseline, 17.06M params, 524,288 tokens/step
+
+
+@pytest.mark.parametrize("env, lo, hi", ANCHORS)
+def test_cost_model_matches_the_pod_anchors_within_15_percent(env, lo, hi):
+    ms = tg.pod_cost(tg.Hyperparameters.from_env(env))["pod_ms_per_step"]
+    assert 0.85 * lo <= ms <= 1.15 * hi, ms
+
+
+def test_flop_count_is_six_n_plus_causal_attention():
+    """Counted FLOPs/token agree with the textbook 6 * (matrix params run per token) + causal attention."""
+    hp = tg.Hyperparameters.from_env(BASELINE)
+    per_block = 512 * 512 * 3 + 512 * 1024 * 2   # q, proj, k+v at half width; MLP up and down
+    textbook = 6 * (9 * per_block + 1024 * 512) + 9 * 2 * 1024 * 512 * 3.5
+    assert tg.flops_per_token(hp, 1024) == pytest.approx(textbook, rel=0.03)
+    assert tg.flops_per_token(hp, 1024, train=False) == pytest.approx(textbook / 3.2, rel=0.1)
+
+
+def test_production_default_fits_the_cap(tmp_path):
+    out = tg.main({"DRY_RUN": "1", "LOG_DIR": str(tmp_path), "RUN_ID": "dry"})
+    assert out["fits"] and out["bytes_total_estimate"] <= 16_000_000
+    assert tg.K_MIN <= out["quant_k"] <= 16
+    assert out["bytes_code"] == len(tg.packed_code()) < out["bytes_code_source"]
+    assert 0 < out["relative_mse"] < 0.02 and 60 < out["pod_ms_per_step"] < 120
+    log = (tmp_path / "dry.txt").read_text()
+    assert "quant_k:" in log and "pod_ms_per_step:" in log and "export_seconds_estimate:" in log
