@@ -134,7 +134,7 @@ def run_child(cmd: Sequence[str], env: Mapping[str, str], console: Path, tick: C
 
 
 def read_results(path: Path) -> pd.DataFrame:
-    rows = pd.read_csv(path, sep="\t", dtype={"arm": str}) if path.is_file() else pd.DataFrame()
+    rows = pd.read_csv(path, sep="\t", dtype={"arm": str, "code": str, "run_id": str}) if path.is_file() else pd.DataFrame()
     rows = rows.rename(columns=LEGACY_COLUMNS)
     return rows.reindex(columns=list(dict.fromkeys([*LEAD_COLUMNS, *rows.columns])))
 
