@@ -1820,18 +1820,36 @@ def estimate_model_bytes(model: CrawlerGPT, hp: Hyperparameters, ks: dict[str, f
     return stride * len(pack(sample)) + len(pack(floats))
 
 
-def solve_log_k(points: list[tuple[float, float]], target: float) -> float:
-    """The m where bytes(m) = target, linear in log m between (or beyond) the measured points."""
-    pts = sorted(points)
-    if len(pts) == 1:
-        return pts[0][0]
-    for (m0, b0), (m1, b1) in zip(pts, pts[1:]):
-        if min(b0, b1) <= target <= max(b0, b1) or (m1, b1) == pts[-1]:
-            if b0 == b1:
-                return m1
-            t = (target - b0) / (b1 - b0)
-            return math.exp(math.log(m0) + t * (math.log(m1) - math.log(m0)))
-    return pts[-1][0]
+def along_log_k(points: list[tuple[float, float]], x: float, want: str) -> float:
+    """Bytes at k = x (want="bytes"), or the k whose bytes are x (want="k"): linear in log k on the segment
+    of (k, bytes) points that holds x, else on the end segment nearest to it."""
+    pts = sorted((math.log(k), b) for k, b in points)
+    segments = list(zip(pts, pts[1:])) or [(pts[0], pts[0])]
+    at = 0 if want == "bytes" else 1
+    xv = math.log(x) if want == "bytes" else x
+    inside = [s for s in segments if min(s[0][at], s[1][at]) <= xv <= max(s[0][at], s[1][at])]
+    (l0, b0), (l1, b1) = inside[0] if inside else min(segments, key=lambda s: min(abs(xv - s[0][at]), abs(xv - s[1][at])))
+    if want == "bytes":
+        return b0 + (xv - l0) / (l1 - l0) * (b1 - b0) if l1 != l0 else b0
+    return math.exp(l0 + (xv - b0) / (b1 - b0) * (l1 - l0)) if b1 != b0 else math.exp(l0)
+
+
+def clamp_k(k: float) -> float:
+    return min(max(k, K_MIN), K_MAX)
+
+
+def rtn_curve(model: CrawlerGPT, hp: Hyperparameters, rel: dict[str, float], meta: dict, target: float) -> list:
+    """Estimated bytes at k = QUANT_K/2, QUANT_K, 2*QUANT_K, widened by factors of 2 until the target lies
+    between two points (or k reaches K_MIN/K_MAX): interpolation, never a long extrapolation."""
+    curve = [(k, estimate_model_bytes(model, hp, ks_at(rel, k), meta))
+             for k in sorted({clamp_k(hp.quant_k * f) for f in (0.5, 1.0, 2.0)})]
+    while target > curve[0][1] and curve[0][0] > K_MIN:
+        k = clamp_k(curve[0][0] / 2)
+        curve.insert(0, (k, estimate_model_bytes(model, hp, ks_at(rel, k), meta)))
+    while target < curve[-1][1] and curve[-1][0] < K_MAX:
+        k = clamp_k(curve[-1][0] * 2)
+        curve.append((k, estimate_model_bytes(model, hp, ks_at(rel, k), meta)))
+    return curve
 
 
 @dataclass
@@ -1874,38 +1892,27 @@ def export_model(model: CrawlerGPT, hp: Hyperparameters, batches: list[Tensor], 
         passes += out.passes
     else:
         target = budget - hp.size_margin / 2
-        grid = sorted({min(max(hp.quant_k * f, K_MIN), K_MAX) for f in (0.5, 1.0, 2.0)})
-        curve = [(m, estimate_model_bytes(model, hp, ks_at(rel, m), meta)) for m in grid]
-        log.kv(fit_curve=",".join(f"{m:.2f}:{b}" for m, b in curve), budget_bytes_model=budget)
-        m = min(max(solve_log_k(curve, target), K_MIN), K_MAX)
-        for _ in range(3):
-            out = attempt(m)
+        curve = rtn_curve(model, hp, rel, meta, target)
+        log.kv(fit_curve=",".join(f"{k:.2f}:{b}" for k, b in curve), budget_bytes_model=budget)
+        k = clamp_k(along_log_k(curve, target, "k"))
+        for _ in range(1 if hp.rehearsal else 3):
+            out = attempt(k)
             passes += out.passes
             size = passes[-1][1]
-            finest = m <= K_MIN * 1.0001 and size <= budget
-            if budget - hp.size_margin <= size <= budget or finest or (m >= K_MAX * 0.9999 and size > budget):
+            finest = k <= K_MIN * 1.0001 and size <= budget
+            if budget - hp.size_margin <= size <= budget or finest or (k >= K_MAX * 0.9999 and size > budget):
                 break
-            # The real bytes re-anchor the curve's shape (its ratio to the estimate), then the measured points.
-            ratio = size / solve_bytes(curve, m)
-            measured = [(pm, pb) for pm, pb in passes]
-            m = min(max(solve_log_k(measured if len(measured) > 1 else [(c, b * ratio) for c, b in curve], target),
-                        K_MIN), K_MAX)
+            # The real bytes re-anchor the estimated curve (GPTQ and the full pack differ from the RTN sample
+            # by a nearly constant ratio); with two real passes, their own secant takes over.
+            ratio = size / along_log_k(curve, k, "bytes")
+            anchor = passes if len(passes) > 1 else [(c, b * ratio) for c, b in curve]
+            k = clamp_k(along_log_k(anchor, target, "k"))
     out.passes = passes
     if passes[-1][1] > budget and hp.size_target != "none":
         out.entries, out.pruned, out.blob = prune_to_fit(out.entries, meta, hp, budget, dinfo)
         out.model.load_state_dict(entries_state(out.entries), strict=True)
         log.kv(prune_values_zeroed=out.pruned, prune_was_over_bytes=passes[-1][1] - budget, bytes_model=len(out.blob))
     return out
-
-
-def solve_bytes(curve: list[tuple[float, float]], m: float) -> float:
-    """The curve's bytes at m, linear in log m (the inverse of solve_log_k)."""
-    pts = sorted(curve)
-    for (m0, b0), (m1, b1) in zip(pts, pts[1:]):
-        if m <= m1 or (m1, b1) == pts[-1]:
-            t = (math.log(m) - math.log(m0)) / (math.log(m1) - math.log(m0))
-            return b0 + t * (b1 - b0)
-    return pts[0][1]
 
 
 def broadcast_int(value: int, dinfo: DistInfo) -> int:
@@ -2818,10 +2825,9 @@ def dry_run(hp: Hyperparameters, log: Logger) -> dict:
     plan, meta, budget = storage_plan(model, hp), artifact_meta(hp), hp.size_limit - len(packed_code())
     rel = relative_ks(model, hp, {})
     t_curve = time.perf_counter()
-    curve = [(m, estimate_model_bytes(model, hp, ks_at(rel, m), meta))
-             for m in sorted({min(max(hp.quant_k * f, K_MIN), K_MAX) for f in (0.5, 1.0, 2.0)})]
+    curve = rtn_curve(model, hp, rel, meta, budget - hp.size_margin / 2)
     curve_s = time.perf_counter() - t_curve
-    m = min(max(solve_log_k(curve, budget - hp.size_margin / 2), K_MIN), K_MAX) if hp.size_target == "fit" else hp.quant_k
+    m = clamp_k(along_log_k(curve, budget - hp.size_margin / 2, "k")) if hp.size_target == "fit" else hp.quant_k
     probe = copy.deepcopy(model)
     entries, _ = quantize_model_(probe, hp, "rtn", [], DistInfo(), ks_at(rel, m))
     quantized = [n for n, kind in plan.kinds.items() if kind in QUANT_KINDS]
@@ -2831,7 +2837,7 @@ def dry_run(hp: Hyperparameters, log: Logger) -> dict:
     t_pack = time.perf_counter()
     compress_bytes(sample, hp.compressor, compressor_level(hp))
     pack_s = (time.perf_counter() - t_pack) * raw_model_bytes(model, hp) / len(sample)
-    model_bytes = round(solve_bytes(curve, m))
+    model_bytes = round(along_log_k(curve, m, "bytes"))
     out = {"unique_params": count_unique_params(model), "effective_depth": hp.effective_depth, "quant_k": m,
            "relative_mse": mse, "bytes_model_estimate": model_bytes, "bytes_code": len(packed_code()),
            "bytes_code_source": len(source_bytes()), "bytes_total_estimate": model_bytes + len(packed_code()),
