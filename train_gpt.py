@@ -2255,6 +2255,8 @@ class Trainer:
         for s in range(max(self.hp.warmup_steps, 2 * len(counts))):
             self.model.set_qat(self.hp.late_qat_threshold > 0 and s % 2 == 1)
             self.train_step(self.next_batches(), 1.0, muon_momentum(self.hp, 0), counts[(s // 2) % len(counts)])
+        if self.hp.distill_steps:   # the student's step with teacher logits is a graph of its own
+            self.train_step(self.next_batches(), 1.0, muon_momentum(self.hp, 0), teacher=self.model)
         self.model.set_qat(False)
         self.restore(saved)
         self.log(f"warmup:done steps:{self.hp.warmup_steps} seconds:{time.perf_counter() - t0:.1f}")
@@ -2311,7 +2313,7 @@ class Trainer:
         for epoch in range(hp.replay_epochs if self.replay else 0):
             for stored in self.replay:
                 batches = [(x.to(self.device), y.to(self.device)) for x, y in stored]
-                loss = self.train_step(batches, hp.replay_lr_scale, hp.muon_momentum)
+                loss = self.train_step(batches, hp.replay_lr_scale, hp.muon_momentum, self.loop_counts()[0])
                 self.averages.update(self.model, self.step, 0.0)
             self.log.kv(replay_epoch=epoch + 1, batches=len(self.replay), train_loss=f"{loss:.5f}")
         replay_s = time.perf_counter() - t0

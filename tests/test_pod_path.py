@@ -1,0 +1,464 @@
+"""The GPU pod's path, proven on CPU: compile (fullgraph, the graph budget, no recompile after warm-up, QAT as a
+buffer), inductor's fake-quant equal to eager bit for bit, FlashAttention 3 through a fake module, bf16 autocast and
+the bf16 Newton-Schulz, DDP and the process group, one host-device sync per step. No machine of the project has a GPU:
+each test fails when its part of that path breaks."""
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+from datetime import timedelta
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import train_gpt as tg
+from test_arms import ARMS
+from test_e2e import ROOT, tiny_env, train_losses
+from test_model import VOCAB, FakeSP, ids, make_model, small_hp
+
+CPU = torch.device("cpu")
+
+
+def knobs_at_torch_defaults() -> contextlib.ExitStack:
+    """compile_model's knobs at torch's defaults inside (so a test sees compile_model set them), as before after."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=False))
+    stack.enter_context(torch._inductor.config.patch(emulate_precision_casts=False))
+    return stack
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """No compiled code or graph count from another test."""
+    torch._dynamo.reset()
+    counters.clear()
+    with knobs_at_torch_defaults():
+        yield
+    torch._dynamo.reset()
+
+
+def compiled(model: nn.Module, backend: str = "eager", hp: tg.Hyperparameters | None = None) -> nn.Module:
+    """The model as compile_model compiles it with COMPILE=1 (eager/aot_eager: Dynamo's graphs, no C++ compiler)."""
+    hp = dataclasses.replace(hp or model.hp, compile="1", compile_backend=backend)
+    return tg.compile_model(model, hp, CPU)
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def train(step: nn.Module, x: torch.Tensor, loops: int) -> torch.Tensor:
+    loss = step(x, x, loops=loops)
+    loss.backward()
+    return loss.detach()
+
+
+def qat_state(model: tg.CrawlerGPT) -> bool:
+    return bool(next(m for m in model.modules() if isinstance(m, tg.CastedLinear)).qat_on)
+
+
+def build_trainer(corpus, tmp_path, dinfo: tg.DistInfo = tg.DistInfo(), **overrides) -> tg.Trainer:
+    hp = tg.Hyperparameters.from_env(tiny_env(corpus, tmp_path, **overrides))
+    return tg.build_training(hp, tg.preflight(hp, dinfo, CPU), dinfo, CPU, tg.Logger(None), "pod")
+
+
+class RecordingDDP(nn.Module):
+    """DistributedDataParallel's place in build_training, keeping the options it was given."""
+
+    def __init__(self, module: nn.Module, **options):
+        super().__init__()
+        self.module, self.options = module, options
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- compile: graphs, breaks, budget
+
+
+def test_one_compile_serves_both_loop_counts_qat_on_and_off_and_eval():
+    model = make_model(LATE_QAT_THRESHOLD=0.5)
+    model.setup_qat(model.hp)
+    step, x = compiled(model), ids()
+    model.set_qat(False)
+    off = [train(step, x, loops) for loops in (2, 1)]
+    assert graphs() == 2
+    model.set_qat(True)
+    on = [train(step, x, loops) for loops in (2, 1)]
+    assert graphs() == 2, "switching late QAT on compiled a new graph"
+    assert all(a != b for a, b in zip(on, off)), "QAT had no effect on the compiled model"
+    torch.testing.assert_close(on[0], model(x, x, loops=2).detach(), rtol=0, atol=0)
+    tokens = torch.randint(0, VOCAB, (7 * 16 + 1,), generator=torch.Generator().manual_seed(5))
+    loss, _ = tg.evaluate(step, tokens, tg.build_byte_luts(FakeSP(), VOCAB), 16, 16, 4 * 16, tg.DistInfo(), CPU)
+    assert graphs() == 3, "eval batches of 4 + 3 windows: the last must be padded to the same shape"
+    with torch.no_grad():
+        expected = model(tokens[:-1].view(7, 16), tokens[1:].view(7, 16)).item()
+    assert loss == pytest.approx(expected, rel=1e-6)   # the padding scores nothing
+    assert not counters["graph_break"] and graphs() <= tg.COMPILE_GRAPH_BUDGET
+
+
+def arm_knobs(arms) -> dict:
+    return {k: v for arm in arms for k, v in ARMS[arm].items()}
+
+
+def builds(arms) -> bool:
+    try:
+        small_hp(**arm_knobs(arms))
+        return True
+    except tg.HyperparameterError:
+        return False
+
+
+def arm_groups() -> list[tuple[str, ...]]:
+    """ARMS packed into few models: arms sharing no knob (none overrides another's) while the mix is valid.
+    Each arm's code is traced either way, and every compile costs seconds."""
+    groups: list[list[str]] = []
+    for arm in ARMS:
+        fits = (g for g in groups if not set(arm_knobs(g)) & set(ARMS[arm]) and builds(g + [arm]))
+        group = next(fits, None)
+        if group is None:
+            groups.append([arm])
+        else:
+            group.append(arm)
+    return [tuple(g) for g in groups]
+
+
+@pytest.mark.parametrize("arms", arm_groups(), ids="+".join)
+def test_research_arms_compile_whole_at_both_loop_counts(arms):
+    model, x = make_model(**arm_knobs(arms)), ids()
+    step = compiled(model)
+    for loops in (2, 1):
+        train(step, x, loops)
+    assert graphs() == 2 and not counters["graph_break"]
+
+
+def test_arm_groups_hold_every_arm_once():
+    assert sorted(arm for group in arm_groups() for arm in group) == sorted(ARMS)
+
+
+def test_past_the_graph_budget_compile_fails_instead_of_running_eagerly():
+    step = compiled(nn.Linear(4, 4), hp=small_hp())
+    for rows in range(1, tg.COMPILE_GRAPH_BUDGET + 1):   # dynamic=False: a graph per shape
+        step(torch.ones(rows, 4))
+    assert graphs() == tg.COMPILE_GRAPH_BUDGET
+    assert torch._dynamo.config.fail_on_recompile_limit_hit   # (fullgraph alone also raises)
+    with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+        step(torch.ones(tg.COMPILE_GRAPH_BUDGET + 1, 4))
+
+
+def breaks_graph(fn):
+    @functools.wraps(fn)
+    def broken(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return fn(*args, **kwargs)
+    return broken
+
+
+def test_a_graph_break_is_an_error_in_the_model_and_in_newton_schulz(monkeypatch):
+    model, x = make_model(), ids()
+    hp = dataclasses.replace(model.hp, compile="1", compile_backend="eager")
+    muon = tg.build_optimizers(model, hp, tg.DistInfo(), compiled=True)[-1]
+    for shape in ((8, 4), (4, 8), (6, 6), (48, 96)):   # compiled once per orientation, the same numbers
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(muon.orthogonalize(g, 5), tg.newton_schulz5(g, 5))
+    assert graphs() == 2
+    monkeypatch.setattr(tg, "rms_norm", breaks_graph(tg.rms_norm))
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="graph_break"):
+        compiled(model)(x, x)
+    monkeypatch.setattr(tg, "newton_schulz5", breaks_graph(tg.newton_schulz5))
+    muon = tg.build_optimizers(model, hp, tg.DistInfo(), compiled=True)[-1]
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="graph_break"):
+        muon.orthogonalize(torch.randn(8, 4), 5)
+
+
+def test_inductor_fake_quant_is_eager_bit_for_bit_and_on_the_export_grid():
+    """Inductor once dropped the fp16 round trip of the row scales: QAT trained toward another grid than the export's.
+    x = I makes the forward return the fake-quantized weight itself (transposed)."""
+    torch.manual_seed(0)
+    linear = tg.CastedLinear(64, 48)
+    linear.qat_bits, linear.qat_clip = 6, ("sdclip", 12.85)
+    linear.qat_on.fill_(1.0)
+    w = linear.weight.detach()
+    export_grid = tg.dequantize_rows(*tg.quantize_rows(w, 6, tg.row_clip(w, "sdclip", 12.85)))
+    weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(1))
+    results = []
+    for step in (compiled(linear, "inductor", small_hp()), linear):
+        x = torch.eye(64, requires_grad=True)
+        y = step(x)
+        results.append((y, *torch.autograd.grad((y * weight).sum(), [x, linear.weight])))
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+    assert torch.equal(results[0][0].T, export_grid)
+
+
+# ---------------------------------------------------------------------------- a COMPILE=1 training run
+
+RUN = dict(ITERATIONS=6, WARMDOWN_ITERS=6, LATE_QAT_THRESHOLD=0.5, WARMUP_STEPS=2, CRAWLER_CADENCE=2, INST_DIM=4,
+           VAL_LOSS_EVERY=0, EVAL_STRIDE=128, QUANT="rtn", COMPILE=1)
+
+
+@pytest.fixture(scope="module")
+def compiled_run(local_corpus, tmp_path_factory):
+    """COMPILE=1 (eager backend: Dynamo's graphs without a compiler), cadence 2 (both loop counts), late QAT on at
+    step 4, replay and distillation after the loop. Returns each train_step's (phase, loops, QAT on, graphs it
+    compiled) and the log."""
+    tmp, steps, phase = tmp_path_factory.mktemp("compiled"), [], ["main"]
+    real_prime, real_post, real_step = tg.Trainer.prime_compile, tg.Trainer.post_loop, tg.Trainer.train_step
+
+    def in_phase(name, real):
+        def wrapped(self):
+            phase[0] = name
+            real(self)
+            phase[0] = "main"
+        return wrapped
+
+    def counted_step(self, batches, lr_mult, momentum, loops=None, teacher=None):
+        before, name = graphs(), "distill" if teacher is not None and phase[0] == "replay" else phase[0]
+        loss = real_step(self, batches, lr_mult, momentum, loops, teacher)
+        steps.append((name, loops, qat_state(self.model), graphs() - before))
+        return loss
+
+    torch._dynamo.reset()
+    with knobs_at_torch_defaults(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg.Trainer, "prime_compile", in_phase("warmup", real_prime))
+        mp.setattr(tg.Trainer, "post_loop", in_phase("replay", real_post))
+        mp.setattr(tg.Trainer, "train_step", counted_step)
+        tg.main(tiny_env(local_corpus, tmp, **RUN, COMPILE_BACKEND="eager", REPLAY_BATCHES=1, REPLAY_EPOCHS=1,
+                         DISTILL_STEPS=1, RUN_ID="one"))
+    torch._dynamo.reset()
+    return steps, tmp / "logs" / "one.txt"
+
+
+def in_phase_steps(steps, name):
+    return [(loops, qat, new) for phase, loops, qat, new in steps if phase == name]
+
+
+def test_compiled_run_compiles_nothing_after_warmup(compiled_run):
+    steps, log = compiled_run
+    warmup, main = in_phase_steps(steps, "warmup"), in_phase_steps(steps, "main")
+    assert {loops for loops, _, _ in warmup} == {2, 1, None} and any(qat for _, qat, _ in warmup)   # None: the student
+    assert sum(new for *_, new in warmup) >= 2, "the counter must see the warm-up compile each loop count"
+    assert [(loops, qat) for loops, qat, _ in main] == [(2, False), (1, False)] * 2 + [(2, True), (1, True)]
+    assert [new for *_, new in main] == [0] * 6, "a graph was compiled on the training clock"
+    assert "late_qat:on step:4" in log.read_text()
+    assert len(in_phase_steps(steps, "replay")) == len(in_phase_steps(steps, "distill")) == 1
+
+
+def test_replay_compiles_nothing(compiled_run):
+    assert [new for *_, new in in_phase_steps(compiled_run[0], "replay")] == [0]
+
+
+def test_distillation_compiles_nothing(compiled_run):
+    assert [new for *_, new in in_phase_steps(compiled_run[0], "distill")] == [0]
+
+
+def test_torchrun_two_processes_compiled_match_one(compiled_run, local_corpus, tmp_path):
+    """gloo, COMPILE=1 with aot_eager (AOT autograd's compiled backward under DDP, as inductor's), cadence 2 with a
+    per-loop arm, so the single-loop steps leave parameters without gradient (find_unused_parameters)."""
+    env = {**os.environ, **tiny_env(local_corpus, tmp_path, **RUN, COMPILE_BACKEND="aot_eager", RUN_ID="two"),
+           "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    log = tmp_path / "logs" / "two.txt"
+    assert "world_size:2" in log.read_text() and "compile:1" in log.read_text()
+    one_losses, two_losses = train_losses(compiled_run[1]), train_losses(log)
+    assert len(two_losses) == 6 and two_losses == pytest.approx(one_losses, abs=2e-4)
+
+
+# ---------------------------------------------------------------------------- FlashAttention 3
+
+
+def fake_flash_attn(calls: list, returns_tuple: bool):
+    """flash_attn_interface.flash_attn_func as an H100 takes it: bf16, [B, T, H, D] with D contiguous, K and V with
+    their own (fewer) heads. Some releases return (out, softmax_lse), others out alone."""
+    def flash_attn_func(q, k, v, causal=False):
+        assert {q.dtype, k.dtype, v.dtype} == {torch.bfloat16} and causal
+        assert k.shape == v.shape and k.shape[:2] == q.shape[:2] and k.size(3) == q.size(3)
+        assert q.size(2) % k.size(2) == 0 and all(t.stride(-1) == 1 for t in (q, k, v))
+        calls.append((tuple(q.shape), tuple(k.shape)))
+        out = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)), is_causal=True,
+                                             enable_gqa=True).transpose(1, 2).bfloat16()
+        return (out, out.new_zeros(q.shape[:3])) if returns_tuple else out
+    return flash_attn_func
+
+
+def test_fa3_comes_from_flash_attn_interface(monkeypatch):
+    fake = types.ModuleType("flash_attn_interface")
+    fake.flash_attn_func = fake_flash_attn([], False)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fake)
+    spec = importlib.util.spec_from_file_location("train_gpt_with_fa3", ROOT / "train_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    assert module.fa3_attention is fake.flash_attn_func
+
+
+@pytest.mark.parametrize("returns_tuple", [True, False], ids=["out_and_lse", "out"])
+def test_fa3_gets_bf16_bthd_and_gqa_without_repeat(monkeypatch, returns_tuple):
+    calls = []
+    monkeypatch.setattr(tg, "fa3_attention", fake_flash_attn(calls, returns_tuple))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, heads, 12, generator=gen) for heads in (4, 2, 2))
+    out = tg.causal_attention(q, k, v, "fa3")
+    assert out.dtype == torch.float32 and calls == [((2, 16, 4, 12), (2, 16, 2, 12))]
+    torch.testing.assert_close(out, tg.causal_attention(q, k, v, "sdpa"), atol=2e-2, rtol=2e-2)
+    model, x = make_model(), ids()   # 4 heads of 12, 2 KV heads; 2 flat + 1 crawler x 2 loops
+    reference = model.logits(x).detach()
+    model.set_backends("fa3")
+    calls.clear()
+    logits = model.logits(x)
+    logits.square().mean().backward()
+    assert calls == [((2, 16, 4, 12), (2, 16, 2, 12))] * 4
+    torch.testing.assert_close(logits, reference, atol=1e-3, rtol=0)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_preflight_probes_fa3_with_the_model_head_dim(local_corpus, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tg, "fa3_attention", fake_flash_attn(calls, False))
+    monkeypatch.setattr(tg, "attention_backend", lambda device: "fa3")
+    hp = tg.Hyperparameters.from_env(tiny_env(local_corpus, tmp_path, MODEL_DIM=96, NUM_HEADS=4, NUM_KV_HEADS=1))
+    assert tg.preflight(hp, tg.DistInfo(), CPU).backend == "fa3"
+    assert calls == [((1, 8, 4, 24), (1, 8, 1, 24))]
+
+
+# ---------------------------------------------------------------------------- bf16
+
+
+def test_bf16_autocast_forward_backward_keeps_the_stream_in_bf16():
+    model, x = make_model(LATE_QAT_THRESHOLD=0.5), ids()
+    model.setup_qat(model.hp)
+    model.set_qat(True)
+    reference = model.logits(x).detach()
+    streams = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: streams.extend((args[0].dtype, args[1].dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model.logits(x), model(x, x)
+    loss.backward()
+    assert len(streams) == 16 and set(streams) == {torch.bfloat16}   # 4 firings x (x, x0), 2 forwards
+    assert loss.dtype == logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, atol=5e-3, rtol=0)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+def test_newton_schulz_bf16_branch():
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 3.0
+    full, half = tg.newton_schulz5(g, 5), tg.newton_schulz5(g, 5, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.shape == g.shape
+    s = torch.linalg.svdvals(half.float())
+    assert s.min() > 0.5 and s.max() < 1.5, s
+    torch.testing.assert_close(half.float(), full, atol=0.05, rtol=0)
+    assert not torch.equal(half.float(), full)
+
+
+def test_on_cuda_adamw_is_fused_and_muon_runs_bf16(monkeypatch):
+    model = make_model()
+    cpu_opts = tg.build_optimizers(model, model.hp, tg.DistInfo())
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.Tensor, "is_cuda", property(lambda self: True))   # every tensor claims the GPU
+        cuda_opts = tg.build_optimizers(model, model.hp, tg.DistInfo())
+        default_ns = tg.newton_schulz5(torch.randn(8, 4), 5)
+    assert [o.defaults["fused"] for o in cpu_opts[:2]] == [False, False]
+    assert [o.defaults["fused"] for o in cuda_opts[:2]] == [True, True]
+    assert cpu_opts[2].flat[0].dtype == torch.float32 and cuda_opts[2].flat[0].dtype == torch.bfloat16
+    assert default_ns.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- per-step overheads
+
+
+class HostReads:
+    """Counts the tensor -> Python reads train_gpt.py itself makes: on a GPU each one waits for the device."""
+    READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.READS:
+            monkeypatch.setattr(torch.Tensor, name, self.counted(getattr(torch.Tensor, name)))
+
+    def counted(self, read):
+        def counting(tensor, *args, **kwargs):
+            self.count += sys._getframe(1).f_code.co_filename == tg.__file__
+            return read(tensor, *args, **kwargs)
+        return counting
+
+
+def test_one_host_device_sync_per_step(local_corpus, tmp_path, monkeypatch):
+    trainer = build_trainer(local_corpus, tmp_path)   # ACCUM_SPLITS=2: two micro-batches a step
+    for step in range(2):
+        batches = trainer.next_batches()
+        with monkeypatch.context() as mp:
+            reads = HostReads(mp)
+            trainer.train_step(batches, 1.0, 0.95, trainer.loops_for(step))
+        assert reads.count == 1
+
+
+def test_muon_allocates_its_buffers_once(monkeypatch):
+    reduced = []
+    monkeypatch.setattr(tg.dist, "all_reduce", lambda t, op=None: reduced.append(t.data_ptr()))
+    params = [nn.Parameter(torch.randn(shape)) for shape in ((8, 4), (4, 6), (6, 6))]
+    muon = tg.Muon(params, lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.0, rank=1, world_size=2)
+    owned = [i for i, p in enumerate(params) if "momentum_buffer" in muon.state[p]]
+    assert owned == [1] and [f.numel() for f in muon.flat] == [32 + 24 + 36]
+    buffers = [muon.flat[0].data_ptr(), muon.state[params[1]]["momentum_buffer"].data_ptr()]
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        muon.step()
+    assert [muon.flat[0].data_ptr(), muon.state[params[1]]["momentum_buffer"].data_ptr()] == buffers
+    assert reduced == [buffers[0]] * 2   # one all-reduce of the one flat buffer a step
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+@pytest.mark.parametrize("cadence, arm, find_unused", [
+    (1, {"INST_DIM": 4}, False), (2, {}, False), (2, {"INST_DIM": 4}, True),
+    (1, {"INST_DIM": 4, "CRAWLER_LOOPS_SCHEDULE": "0:1,0.5:2"}, True)])
+def test_ddp_expects_unused_parameters_only_when_a_step_leaves_some(local_corpus, tmp_path, monkeypatch, cadence,
+                                                                    arm, find_unused):
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", RecordingDDP)
+    trainer = build_trainer(local_corpus, tmp_path, tg.DistInfo(0, 2, 0), CRAWLER_CADENCE=cadence, **arm)
+    assert trainer.step_model.options["find_unused_parameters"] is find_unused
+    assert trainer.step_model.options["broadcast_buffers"] is False
+    assert tg.unused_at_one_loop(trainer.model) == (["loops.inst_up.1.weight"] if "INST_DIM" in arm else [])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_schedules_on_rank0_clock(local_corpus, tmp_path, monkeypatch, rank):
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", RecordingDDP)
+    trainer = build_trainer(local_corpus, tmp_path, tg.DistInfo(rank, 2, 0))
+    trainer.clock = tg.Clock(10.0 + rank)   # the ranks' clocks disagree
+    sent, other_rank = [], {0: [3.0, 0.0], 1: [3.0, 10.0]}[rank]   # the other rank's [loss sum, clock share]
+
+    def all_reduce(t, op):
+        assert op == tg.dist.ReduceOp.SUM
+        sent.append(t.tolist())
+        t += torch.tensor(other_rank)
+    monkeypatch.setattr(tg.dist, "all_reduce", all_reduce)
+    assert trainer.sync(torch.tensor(5.0), 1) == 4.0   # (5 + 3) / (1 micro-batch x 2 ranks)
+    assert sent == [[5.0, 10.0 if rank == 0 else 0.0]] and trainer.elapsed == 10.0
+
+
+def test_process_group_waits_45_minutes(monkeypatch):
+    groups, threads = [], torch.get_num_threads()
+    monkeypatch.setattr(tg.dist, "init_process_group", lambda backend, **kw: groups.append((backend, kw)))
+    try:
+        assert tg.setup_distributed(tg.DistInfo()) == CPU and not groups
+        assert tg.setup_distributed(tg.DistInfo(0, 2, 0)) == CPU
+    finally:
+        torch.set_num_threads(threads)
+    [(backend, options)] = groups
+    assert backend == "gloo" and options["timeout"] >= timedelta(minutes=45)
