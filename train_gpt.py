@@ -2128,6 +2128,8 @@ class WeightAverages:
         self.updates += 1
         decay = min(self.hp.ema_decay, (1 + self.updates) / (10 + self.updates))
         collect = bool(self.swa) and scale < self.hp.swa_start_scale and step % self.hp.swa_every == 0
+        if not (self.ema or collect):
+            return
         for k, v in model.state_dict().items():
             if self.ema:
                 self.ema[k].lerp_(v.float(), 1 - decay)
@@ -2616,8 +2618,8 @@ def score_artifact(path: Path, hp: Hyperparameters, data: RunData, dinfo: DistIn
     model.to(device).set_backends(data.backend, data.delta_backend)
     model = compile_model(model, hp, device)
     seq, stride = settings["eval_seq_len"], settings["eval_stride"]
-    post = score(model, hp, data, seq, seq, dinfo, device, log, "post_quant")[1]
-    val_loss, val_bpb = score(model, hp, data, seq, stride, dinfo, device, log, "sliding")
+    post_loss, post = score(model, hp, data, seq, seq, dinfo, device, log, "post_quant")
+    val_loss, val_bpb = score(model, hp, data, seq, stride, dinfo, device, log, "sliding") if stride < seq else (post_loss, post)
     return {"post_quant_val_bpb": post, "val_bpb": val_bpb, "val_loss": val_loss}
 
 
