@@ -460,6 +460,8 @@ ALIASES = {
 # Prefixes too generic to claim: an unrelated variable may start with them.
 _GENERIC_PREFIXES = {"RUN", "DATA", "LOG", "MODEL", "MAX", "VAL", "TRAIN", "SEED", "COMPILE", "ITERATIONS",
                      "SIZE", "RECORDS", "ARTIFACT", "SUBMIT", "EMBED", "BYTE", "COMPRESS", "COMPRESSOR", "QUANT", "EVAL"}
+
+
 def edits(a: str, b: str) -> int:
     """Characters changed between two names, from difflib's opcodes (a swap of neighbours counts 2)."""
     ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
@@ -1856,62 +1858,62 @@ def rtn_curve(model: CrawlerGPT, hp: Hyperparameters, rel: dict[str, float], met
 class Export:
     entries: dict
     blob: bytes
+    size: int                # the blob's bytes (every rank knows it; only rank 0 holds the blob)
     model: CrawlerGPT        # holds exactly the artifact's weights
     quant_k: float           # the matrix k (the searched multiplier)
     pruned: int = 0
-    passes: list = field(default_factory=list)
+    passes: int = 1
 
 
 def export_model(model: CrawlerGPT, hp: Hyperparameters, batches: list[Tensor], dinfo: DistInfo, log: Logger,
                  meta: dict) -> Export:
     """Quantize and pack. SIZE_TARGET=fit chooses the SDClip k so that code + model lands in the window
     [SIZE_LIMIT - SIZE_MARGIN, SIZE_LIMIT]: a cheap RTN curve of bytes against log k predicts k, GPTQ runs
-    at it and the real pack corrects it (at most three passes); pruning covers the last few bytes only.
-    Every rank quantizes identically (all-reduced Hessians); rank 0 packs and says the size."""
+    at it and the real pack corrects it (at most three passes; the best that fits is kept); pruning covers
+    the last few bytes only. Every rank quantizes identically (all-reduced Hessians); rank 0 packs."""
     budget, t0 = hp.size_limit - len(packed_code()), time.perf_counter()
     plan = storage_plan(model, hp)
-    need = ({n for n in plan.linear if n in plan.kinds} if hp.quant == "gptq" else set()) | \
-           ({HEAD} if hp.quant_alloc == "hessian" and HEAD in plan.kinds and plan.kinds[HEAD] in QUANT_KINDS else set())
+    need = (set(plan.linear) if hp.quant == "gptq" else set()) | \
+        ({HEAD} if hp.quant_alloc == "hessian" and plan.kinds[HEAD] in QUANT_KINDS else set())
     float_hessians = collect_hessians(model, batches, need, dinfo) if need and batches else {}
     rel = relative_ks(model, hp, float_hessians)
+    tried: list[Export] = []
 
-    def attempt(m: float) -> Export:
+    def attempt(k: float) -> Export:
         trial = copy.deepcopy(model)
-        entries, _ = quantize_model_(trial, hp, hp.quant, batches, dinfo, ks_at(rel, m), float_hessians)
+        entries, _ = quantize_model_(trial, hp, hp.quant, batches, dinfo, ks_at(rel, k), float_hessians)
         blob = pack_artifact(entries, meta, hp.compressor, compressor_level(hp), hp.byte_shuffle) if dinfo.master else b""
-        size = broadcast_int(len(blob), dinfo)
-        result = Export(entries, blob, trial, m)
-        result.passes.append((m, size))
-        log.kv(export_pass=len(passes) + 1, quant_k=f"{m:.3f}", bytes_model=size, bytes_total=size + len(packed_code()),
-               seconds=f"{time.perf_counter() - t0:.1f}")
-        return result
+        tried.append(Export(entries, blob, broadcast_int(len(blob), dinfo), trial, k, passes=len(tried) + 1))
+        log.kv(export_pass=len(tried), quant_k=f"{k:.3f}", bytes_model=tried[-1].size,
+               bytes_total=tried[-1].size + len(packed_code()), seconds=f"{time.perf_counter() - t0:.1f}")
+        return tried[-1]
 
-    passes: list[tuple[float, int]] = []
     if hp.size_target != "fit":
-        out = attempt(hp.quant_k)
-        passes += out.passes
+        attempt(hp.quant_k)
     else:
         target = budget - hp.size_margin / 2
         curve = rtn_curve(model, hp, rel, meta, target)
         log.kv(fit_curve=",".join(f"{k:.2f}:{b}" for k, b in curve), budget_bytes_model=budget)
         k = clamp_k(along_log_k(curve, target, "k"))
         for _ in range(1 if hp.rehearsal else 3):
-            out = attempt(k)
-            passes += out.passes
-            size = passes[-1][1]
+            size = attempt(k).size
             finest = k <= K_MIN * 1.0001 and size <= budget
             if budget - hp.size_margin <= size <= budget or finest or (k >= K_MAX * 0.9999 and size > budget):
                 break
             # The real bytes re-anchor the estimated curve (GPTQ and the full pack differ from the RTN sample
             # by a nearly constant ratio); with two real passes, their own secant takes over.
             ratio = size / along_log_k(curve, k, "bytes")
-            anchor = passes if len(passes) > 1 else [(c, b * ratio) for c, b in curve]
+            anchor = [(t.quant_k, t.size) for t in tried] if len(tried) > 1 else [(c, b * ratio) for c, b in curve]
             k = clamp_k(along_log_k(anchor, target, "k"))
-    out.passes = passes
-    if passes[-1][1] > budget and hp.size_target != "none":
+    fits = [t for t in tried if t.size <= budget]
+    out = max(fits, key=lambda t: t.size) if fits else min(tried, key=lambda t: t.size)
+    out.passes = len(tried)
+    if out.size > budget and hp.size_target != "none":
+        over = out.size - budget
         out.entries, out.pruned, out.blob = prune_to_fit(out.entries, meta, hp, budget, dinfo)
+        out.size = broadcast_int(len(out.blob), dinfo)
         out.model.load_state_dict(entries_state(out.entries), strict=True)
-        log.kv(prune_values_zeroed=out.pruned, prune_was_over_bytes=passes[-1][1] - budget, bytes_model=len(out.blob))
+        log.kv(prune_values_zeroed=out.pruned, prune_was_over_bytes=over, bytes_model=out.size)
     return out
 
 
@@ -2277,14 +2279,13 @@ class Trainer:
         return {"val_loss": loss, "val_bpb": bpb}
 
     def run(self, val_tokens: Tensor, luts: ByteLUTs) -> dict:
-        hp, last_val = self.hp, {}
+        hp = self.hp
         with self.clock.running():
             while True:
-                done = self.step >= hp.iterations or self.time_is_up()
-                if done or (hp.val_loss_every and self.step % hp.val_loss_every == 0):
-                    last_val = self.validate(val_tokens, luts, full=done)
-                if done:
-                    break
+                if self.step >= hp.iterations or self.time_is_up():
+                    break   # the full validation comes once the export weights are in (run())
+                if hp.val_loss_every and self.step % hp.val_loss_every == 0:
+                    self.validate(val_tokens, luts, full=False)
                 scale = lr_scale(hp, self.step, self.elapsed)
                 self.set_qat(scale)
                 batches = self.next_batches()
@@ -2300,7 +2301,7 @@ class Trainer:
                         self.save_checkpoint()
             main_seconds = self.clock.seconds
             self.post_loop()
-        return {"steps": self.step, "train_seconds": self.clock.seconds, "main_loop_seconds": main_seconds, **last_val}
+        return {"steps": self.step, "train_seconds": self.clock.seconds, "main_loop_seconds": main_seconds}
 
     def log_progress(self, loss: float, scale: float) -> None:
         hp, elapsed = self.hp, max(self.elapsed, 1e-9)
@@ -2704,8 +2705,7 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
             trainer.prime_compile()
         result = trainer.run(data.val_tokens, data.luts)
         exported = trainer.use_export_weights()
-        if exported != "raw" or trainer.qat_on or hp.post_loop_steps:   # the weights changed since the last val
-            result.update(trainer.validate(data.val_tokens, data.luts, full=True))
+        result.update(trainer.validate(data.val_tokens, data.luts, full=True))
     log.kv(export_weights=exported, pre_quant_val_bpb=f"{result['val_bpb']:.6f}")
     if device.type == "cuda":
         log.kv(peak_memory_mib=torch.cuda.max_memory_allocated() // 2**20)
@@ -2723,7 +2723,7 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
             dist.barrier()
     sizes = sizes_of(artifact)
     log.kv(quant=hp.quant, loop_aware=int(hp.quant == "gptq" and loop_aware(hp)), compressor=hp.compressor,
-           quant_k=f"{final.quant_k:.3f}", passes=len(final.passes), bytes_code_source=len(source_bytes()), **sizes)
+           quant_k=f"{final.quant_k:.3f}", passes=final.passes, bytes_code_source=len(source_bytes()), **sizes)
     check_cap(hp, sizes, artifact, log)
     with timer.phase("eval"):
         figures = {"pre_quant_val_bpb": result["val_bpb"]}

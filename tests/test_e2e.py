@@ -214,3 +214,59 @@ def test_late_qat_modes_switch_on_and_change_the_run(local_corpus, tmp_path):
     assert re.search(r"late_qat:on step:5 .*crawler_only:0", (tmp_path / "logs" / "qat_all.txt").read_text())
     assert "crawler_only:1" in (tmp_path / "logs" / "qat_crawler.txt").read_text()
     assert len({r["pre_quant_val_bpb"] for r in runs.values()}) == 3
+
+
+def run_script(script: Path, env: dict, **overrides) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env, **{k: str(v) for k, v in overrides.items()}, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(script)], env=full, capture_output=True, text=True, timeout=600)
+
+
+def test_the_packed_script_behaves_exactly_like_the_readable_one(tiny_run, local_corpus, tmp_path):
+    """records/.../train_gpt.py is the packed script the cap counts: it scores an artifact to the same digits
+    and trains to the same losses as the readable source."""
+    out, _, env = tiny_run
+    packed = tmp_path / "packed" / "train_gpt.py"
+    packed.parent.mkdir()
+    packed.write_bytes(tg.packed_code())
+    assert len(tg.packed_code()) < len(tg.source_bytes()) // 3
+    scored = run_script(packed, env, EVAL_ONLY=out["artifact"], RUN_ID="packed_eval", LOG_DIR=tmp_path / "logs")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert f"final val_bpb:{out['val_bpb']:.6f} " in scored.stdout.strip().splitlines()[-1]
+    train = tiny_env(local_corpus, tmp_path, ITERATIONS=3, VAL_LOSS_EVERY=0, QUANT="rtn", TRAIN_LOG_EVERY=1)
+    runs = {name: run_script(path, train, RUN_ID=name) for name, path in (("readable", ROOT / "train_gpt.py"),
+                                                                         ("packed", packed))}
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr[-2000:] for r in runs.values()]
+    losses = {name: train_losses(tmp_path / "logs" / f"{name}.txt") for name in runs}
+    assert len(losses["packed"]) == 3 and losses["packed"] == losses["readable"]
+    finals = {name: r.stdout.strip().splitlines()[-1].split(" bytes_total")[0] for name, r in runs.items()}
+    assert finals["packed"] == finals["readable"]
+
+
+def test_rehearsal_runs_the_whole_path_in_two_small_steps(local_corpus, tmp_path):
+    """REHEARSAL=1: two one-sequence steps, the warm-up, the export with the real compressor, a reload and a
+    short eval, every phase timed (the production shapes are whatever the knobs say; tiny here)."""
+    out = tg.main(tiny_env(local_corpus, tmp_path, REHEARSAL=1, ITERATIONS=500, COMPRESSOR="brotli", RUN_ID="rehearse"))
+    log = (tmp_path / "logs" / "rehearse.txt").read_text()
+    assert out["steps"] == 2 and "rehearsal:1" in log and "accum_steps:1" in log
+    assert all(f"time_{phase}:" in log for phase in ("checks", "train", "calibration", "export", "eval"))
+    assert len(log_values(tmp_path / "logs" / "rehearse.txt", "export_pass")) == 1
+    assert tg.load_artifact(out["artifact"])[0].hp.model_dim == 64
+
+
+def test_progressive_recurrence_schedule(local_corpus, tmp_path):
+    hp = tg.Hyperparameters.from_env({"CRAWLER_LOOPS": "3", "CRAWLER_LOOPS_SCHEDULE": "0:1,0.5:2,0.8:3"})
+    assert hp.loops_schedule() == [(0.0, 1), (0.5, 2), (0.8, 3)]
+    for bad in ("0.2:1", "0:1,0.5:4", "0:2,0:1", "0:1,1.0:2", "0:x"):
+        with pytest.raises(tg.HyperparameterError, match="CRAWLER_LOOPS_SCHEDULE"):
+            tg.Hyperparameters.from_env({"CRAWLER_LOOPS": "3", "CRAWLER_LOOPS_SCHEDULE": bad})
+    seen = []
+    real = tg.Trainer.train_step
+
+    def spy(self, batches, lr_mult, momentum, loops=None, teacher=None):
+        seen.append(loops)
+        return real(self, batches, lr_mult, momentum, loops, teacher)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tg.Trainer, "train_step", spy)
+        tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=10, VAL_LOSS_EVERY=0, QUANT="rtn",
+                         CRAWLER_LOOPS_SCHEDULE="0:1,0.5:2", RUN_ID="progressive"))
+    assert seen[:10] == [1] * 5 + [2] * 5   # steps, not time: no wallclock cap here

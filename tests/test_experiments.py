@@ -485,7 +485,8 @@ def test_git_keeps_the_sweeps_logs_but_not_their_work_folder():
 
 
 def test_there_are_experiments():
-    assert {p.name for p in EXPERIMENT_DIRS} >= {"crawler_vs_flat", "cadence", "quant", "xsa_coverage"}
+    assert {p.name for p in EXPERIMENT_DIRS} >= {"crawler_vs_flat", "cadence", "quant", "xsa_coverage", "quant_budget",
+                                                  "crawler_arms", "cpu_profile"}
 
 
 def test_profile_sets_only_knobs():
@@ -539,9 +540,8 @@ def test_experiment_validates(exp, profile, tmp_path):
         assert arms["control"]["env"]["DATA_PATH"] == "data/datasets/local_sp1024"
     else:
         assert "DATA_PATH" not in arms["control"]["env"]         # the production default: FineWeb
-    if exp.name == "crawler_vs_flat":
-        ctrl = arms["control"]["unique_params"]
-        for name, arm in arms.items():
-            assert abs(arm["unique_params"] / ctrl - 1) <= 0.03, f"{name}: {arm['unique_params']} vs control {ctrl}"
+    if exp.name == "crawler_vs_flat":   # equal bytes: every arm fits the same binding cap with its own grid
+        assert {(a["env"]["SIZE_TARGET"], a["env"]["SIZE_LIMIT"]) for a in arms.values()} == \
+            {("fit", arms["control"]["env"]["SIZE_LIMIT"])} and int(arms["control"]["env"]["SIZE_LIMIT"]) < 16_000_000
         assert arms["control"]["env"]["NUM_CRAWLER_LAYERS"] == "0"
-        assert {a["effective_depth"] for a in arms.values()} == {6, 8, 12}
+        assert len({a["effective_depth"] for a in arms.values()}) >= 3

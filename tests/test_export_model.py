@@ -152,7 +152,7 @@ def test_fit_search_lands_in_the_window(tmp_path):
                                           "SIZE_TARGET": "fit", "SIZE_LIMIT": str(limit), "SIZE_MARGIN": "2000"})
     out = tg.export_model(model, fit_hp, [], CPU, tg.Logger(None), meta)
     assert limit - 2000 <= code + len(out.blob) <= limit and out.pruned == 0
-    assert out.quant_k > hp.quant_k and len(out.passes) <= 3
+    assert out.quant_k > hp.quant_k and out.passes <= 3
     roomy = tg.export_model(model, tg.Hyperparameters(**{**fit_hp.__dict__, "size_limit": 16_000_000}), [], CPU,
                             tg.Logger(None), meta)
     assert roomy.quant_k == tg.K_MIN   # room to spare: the finest grid the search allows

@@ -1,25 +1,20 @@
 #!/usr/bin/env bash
-# crawler_vs_flat: does weight sharing pay at equal stored bytes? A plain 6-block GPT (the control)
-# against crawler models whose saved bytes are reinvested in width, and the 6-unique-blocks-looped-twice
-# "Frugendorff". MODEL_DIM is picked per arm so the unique parameter count (= stored bytes, about)
-# matches the control's within 3%: `bash experiments/crawler_vs_flat/run.sh --dry-run` prints the
-# counts for the current train_gpt.py (arms.tsv quotes them as of commit bdaac0f, and
-# tests/test_experiments.py checks the 3% for both profiles).
-# Value embeddings go on every block (VE_LAYERS=all): the default puts them on crawler blocks only,
-# which would hand the crawler arms an extra table the flat control lacks.
-#   PROFILE=cpu SEEDS=1337 bash experiments/crawler_vs_flat/run.sh
-#   SEEDS=1337,42 bash experiments/crawler_vs_flat/run.sh       (PROXY=1: 500 steps each)
+# crawler_vs_flat: the founding question. At a fixed artifact size (SIZE_TARGET=fit under a SIZE_LIMIT that
+# binds every arm: each lands in the same [cap - 20 kB, cap] window by choosing its SDClip k) and a fixed
+# wallclock, does sharing weights across loops buy bpb? Flat only (the control) against crawlers of 1 or
+# 2 shared blocks run 2 or 3 times, one with its saved bytes reinvested in width, and the all-shared
+# Frugendorff. Value embeddings go on every block (VE_LAYERS=all), so no arm gets a table the others lack.
+#   PROFILE=cpu SEEDS=1337,42,7 bash experiments/crawler_vs_flat/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source experiments/profile.sh
 
-# The control: 6 flat blocks, no crawler.
-export NUM_FLAT_LAYERS=6 NUM_CRAWLER_LAYERS=0 CRAWLER_LOOPS=2 VE_LAYERS=all
-# Widths: MODEL_DIM for the 6-unique-block arms, ABLATE_WIDE_DIM for the 5-unique-block arms
-# (arms.tsv uses it as ${ABLATE_WIDE_DIM}; the runner keeps ABLATE_* away from train_gpt.py).
+export SIZE_TARGET=fit VE_LAYERS=all CRAWLER_LOOPS=2
 case "$PROFILE" in
-  pod) export MODEL_DIM=640 ABLATE_WIDE_DIM=700 ;;   # 10 heads: head dim 64 / 70
-  cpu) export MODEL_DIM=64 ABLATE_WIDE_DIM=72 ;;     # 4 heads: head dim 16 / 18
+  # pod: 6 flat x 640 (28.7M params) against the same crawlers; the cap binds at ~12 MB
+  pod) export NUM_FLAT_LAYERS=6 NUM_CRAWLER_LAYERS=0 SIZE_LIMIT=12000000 ABLATE_FLAT=4 ABLATE_WIDE_DIM=720 ;;
+  # cpu: 4 flat x 128 (the demo's depth); the cap binds at ~0.70 MB (every arm's k rises above 4)
+  *) export NUM_FLAT_LAYERS=4 NUM_CRAWLER_LAYERS=0 SIZE_LIMIT=700000 ABLATE_FLAT=2 ABLATE_WIDE_DIM=144 ;;
 esac
 
 exec "${PYTHON:-python3}" experiments/ablate.py experiments/crawler_vs_flat "$@"

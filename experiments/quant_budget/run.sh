@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# quant_budget: landing under a cap that binds by choosing the grid, not by pruning. On the CPU proxy,
+# with SIZE_LIMIT set so the model must shrink to ~60% of its absmax size, against today's absmax +
+# pruning: a fixed SDClip k, the fit-to-cap search, and the fit with per-group Hessian allocation; and
+# at the unconstrained cap, the fit (the finest grid the search allows) against absmax.
+# Training is a fixed step count (no wallclock cap), so every arm of a seed trains the same weights and
+# the paired differences are export effects only.
+#   PROFILE=cpu SEEDS=1337,42,7 bash experiments/quant_budget/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PROFILE="${PROFILE:-cpu}"
+source experiments/profile.sh
+export MAX_WALLCLOCK_SECONDS=0 QUANT=gptq GPTQ_LOOP_AWARE=1
+case "$PROFILE" in
+  pod) export ITERATIONS=500 ABLATE_CAP=9800000 ;;   # ~60% of the production model's absmax bytes
+  *) export ITERATIONS=150 ABLATE_CAP=645000 ;;      # about the proxy's steps in 100 s; ~60% of its absmax bytes + code
+esac
+export SIZE_LIMIT="$ABLATE_CAP"
+
+exec "${PYTHON:-python3}" experiments/ablate.py experiments/quant_budget "$@"
