@@ -25,6 +25,16 @@ if [ "$gpus" -gt 0 ]; then
   exec torchrun --standalone --nproc_per_node="$gpus" train_gpt.py
 fi
 
+case "${REHEARSAL:-0}" in
+  1|true|yes|on)   # the pod's code path at production shapes, on whatever shards are here
+    if ! ls data/datasets/fineweb10B_sp1024/fineweb_val_*.bin >/dev/null 2>&1; then
+      "$PY" data/prepare_local.py >/dev/null
+      export DATA_PATH=${DATA_PATH:-data/datasets/local_sp1024} TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/local_1024_bpe.model}
+    fi
+    echo "run.sh: REHEARSAL without CUDA: the production config, 2 steps, on ${DATA_PATH:-FineWeb}"
+    exec "$PY" train_gpt.py ;;
+esac
+
 echo "run.sh: no CUDA device: running the CPU demo profile on the bundled corpus (experiments/profile.sh)"
 PROFILE=demo
 . experiments/profile.sh
