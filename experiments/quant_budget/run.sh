@@ -13,7 +13,7 @@ source experiments/profile.sh
 export MAX_WALLCLOCK_SECONDS=0 QUANT=gptq GPTQ_LOOP_AWARE=1
 case "$PROFILE" in
   pod) export ITERATIONS=500 ABLATE_CAP=11400000 ;;  # ~60% of the production model's absmax bytes (~19 MB)
-  *) export ITERATIONS=150 ABLATE_CAP=645000 ;;      # about the proxy's steps in 100 s; ~60% of its absmax bytes + code
+  *) export ITERATIONS=190 ABLATE_CAP=570000 ;;      # the proxy's steps in 100 s; ~60% of its absmax model bytes (880k) + code
 esac
 export SIZE_LIMIT="$ABLATE_CAP"
 
