@@ -182,6 +182,9 @@ def module_docstrings(source: bytes) -> str:
         return ""
 
 
+REFERENCE_PYTHON = "3.11.7"   # the Python the documented corpus figures come from
+
+
 def default_source_key() -> dict:
     # The harvest is a pure function of the Python installation, so its version
     # string identifies it without re-reading 500+ files on every rerun.
@@ -453,6 +456,10 @@ def run(out_root=None, name: str = "local", text_dir=None, jsonl=None,
             docs, description = harvest_default()
             heldout = harvest_heldout()
             description += f" (+ {len(heldout)} held-out documents for validation only)"
+            if platform.python_version() != REFERENCE_PYTHON:
+                log(f"note: the corpus is harvested from this Python's own files ({platform.python_version()}); "
+                    f"the figures in README/LOG.md are on Python {REFERENCE_PYTHON}'s (745,012 train tokens, "
+                    "766 held-out documents), so scores here are not comparable with them")
         manifest = build(out_root, name, docs, description, params, heldout)
     log(("up to date: " if up_to_date else "built: ") + f"{name}_sp{VOCAB_SIZE}")
     log(format_summary(manifest, out_root))
