@@ -66,7 +66,7 @@ case "$PROFILE" in
     else
       export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-115}"   # 100 s of training
       export VAL_FILES="${VAL_FILES:-*_heldout_*.bin}"               # paired eval noise ~0.002 (LOG.md)
-      export EVAL_STRIDE="${EVAL_STRIDE:-256}"                       # plain windows: the held-out pool is big
+      export EVAL_STRIDE="${EVAL_STRIDE:-$EVAL_SEQ_LEN}"             # plain windows: the held-out pool is big
       export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-50}"
       export VAL_MAX_TOKENS="${VAL_MAX_TOKENS:-65536}"               # the curves' checks; scores use it all
       export TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-50}"
