@@ -35,8 +35,11 @@ case "$PROFILE" in
     export NUM_CRAWLER_LAYERS="${NUM_CRAWLER_LAYERS:-1}"
     export CRAWLER_LOOPS="${CRAWLER_LOOPS:-2}"
     export ROPE_DIMS="${ROPE_DIMS:-16}"
-    export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-512}"   # 512, not 256: at 330 s -0.0096 sliding / -0.0126 plain,
-    export EVAL_SEQ_LEN="${EVAL_SEQ_LEN:-512}"     #   though 18% more ms/step (LOG.md)
+    # sequences of 512 in the demo: at 330 s -0.010 sliding on the bundled corpus, -0.141 on vimdoc; 256 in
+    # the proxy: at 100 s the longer sequences' 19% more ms/step is not paid back (+0.057 on vimdoc)
+    seq_len=256; [ "$PROFILE" = demo ] && seq_len=512
+    export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-$seq_len}"
+    export EVAL_SEQ_LEN="${EVAL_SEQ_LEN:-$seq_len}"
     export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-8192}"
     export ACCUM_SPLITS="${ACCUM_SPLITS:-1}"
     export ITERATIONS="${ITERATIONS:-5000}"
