@@ -12,9 +12,10 @@ export PROFILE="${PROFILE:-cpu}"
 source experiments/profile.sh
 export MAX_WALLCLOCK_SECONDS=0 QUANT=gptq GPTQ_LOOP_AWARE=1
 case "$PROFILE" in
-  pod) export ITERATIONS=500 ABLATE_CAP=11400000 ;;  # ~60% of the production model's absmax bytes (~19 MB)
-  *) export ITERATIONS=190 ABLATE_CAP=570000 ;;      # the proxy's steps in 100 s; ~60% of its absmax model bytes (880k) + code
+  pod) steps=500 ABLATE_CAP=11400000 ;;  # ~60% of the production model's absmax bytes (~19 MB)
+  *) steps=190 ABLATE_CAP=570000 ;;      # the proxy's steps in 100 s; ~60% of its absmax model bytes (880k) + code
 esac
+case " $ABLATE_CALLER_VARS " in *" ITERATIONS "*) ;; *) export ITERATIONS=$steps ;; esac   # yours wins
 export SIZE_LIMIT="$ABLATE_CAP"
 
 exec "${PYTHON:-python3}" experiments/ablate.py experiments/quant_budget "$@"
