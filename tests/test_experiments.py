@@ -536,7 +536,9 @@ def test_experiment_validates(exp, profile, tmp_path):
         raise
     arms = sweep.records
     assert list(arms)[0] == "control" and sweep.settings.seeds == (1337,)
-    if profile == "cpu":
+    if "source experiments/second_corpus.sh" in (exp / "run.sh").read_text():   # a choice confirmed on vimdoc
+        assert arms["control"]["env"]["DATA_PATH"] == "data/datasets/vimdoc_sp1024"
+    elif profile == "cpu":
         assert arms["control"]["env"]["DATA_PATH"] == "data/datasets/local_sp1024"
     else:
         assert "DATA_PATH" not in arms["control"]["env"]         # the production default: FineWeb

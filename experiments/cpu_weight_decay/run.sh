@@ -4,4 +4,7 @@
 #   PROFILE=cpu SEEDS=1337,42 bash experiments/cpu_weight_decay/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-CONFIRM_EXPERIMENT=experiments/cpu_weight_decay exec bash experiments/cpu_profile_confirm/run.sh "$@"
+export PROFILE="${PROFILE:-cpu}"
+source experiments/second_corpus.sh
+source experiments/profile.sh
+exec "${PYTHON:-python3}" experiments/ablate.py experiments/cpu_weight_decay "$@"
