@@ -2885,8 +2885,7 @@ def write_records(hp: Hyperparameters, out: dict, log_path: Path, artifact: Path
     return folder
 
 
-def main(env: Mapping[str, str] | None = None) -> dict:
-    env = dict(os.environ) if env is None else env
+def main(env: Mapping[str, str]) -> dict:
     hp = Hyperparameters.from_env(env)
     dinfo = DistInfo.from_env(env)
     device = setup_distributed(dinfo)
@@ -2898,9 +2897,10 @@ def main(env: Mapping[str, str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    environment = dict(os.environ)   # the one place the process environment is read
     try:
-        main()
+        main(environment)
     except GolfError as err:
-        if os.environ.get("RANK", "0") == "0":
+        if environment.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

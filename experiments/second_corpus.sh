@@ -1,6 +1,7 @@
 # Sourced by the experiments that confirm a CPU-profile choice on a second kind of English text: the vimdoc
 # corpus (Vim's help files), built from /usr/share/vim/vim*/doc the first time. Sets where the data is;
-# experiments/profile.sh, sourced after it, keeps these.
+# experiments/profile.sh, sourced after it, keeps these. These confirmations run on the CPU proxy.
+export PROFILE="${PROFILE:-cpu}"
 if [ ! -e data/datasets/vimdoc_sp1024/manifest.json ]; then
   vim_docs=$(ls -d /usr/share/vim/vim*/doc 2>/dev/null | head -1 || true)
   if [ -n "$vim_docs" ]; then

@@ -4,7 +4,6 @@
 #   PROFILE=cpu SEEDS=1337,42 bash experiments/cpu_seq_len/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-export PROFILE="${PROFILE:-cpu}"
-source experiments/second_corpus.sh
+source experiments/second_corpus.sh   # PROFILE=cpu unless set, and the vimdoc corpus
 source experiments/profile.sh
 exec "${PYTHON:-python3}" experiments/ablate.py experiments/cpu_seq_len "$@"
