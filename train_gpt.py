@@ -167,6 +167,8 @@ class Hyperparameters:
     # --- training
     iterations: int = knob(20000, "training steps (upper bound; the wallclock cap usually ends first)", lo=0)
     max_wallclock_seconds: float = knob(600.0, "training time cap in seconds (0 = none)", lo=0.0)
+    train_tflops: float = knob(0.0, "training compute budget in TFLOPs (> 0 sets ITERATIONS to the steps it buys at "
+                               "this config's FLOPs: equal-compute arms, whatever the machine's speed or load)", lo=0.0)
     train_batch_tokens: int = knob(786432, "tokens per optimizer step, all ranks together", lo=1)
     train_seq_len: int = knob(2048, "training sequence length", lo=2)
     accum_splits: int = knob(8, "micro-batches per step summed over ranks; 1 and 8 GPUs do the same maths", lo=1)
@@ -2675,6 +2677,8 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
         log_startup(log, hp, dinfo, device)
         return dry_run(hp, log)
     timer = PhaseTimer()
+    if hp.train_tflops:
+        hp = dataclasses.replace(hp, iterations=budget_steps(hp))
     if hp.rehearsal:   # production shapes, two one-sequence steps per rank: the pod's first minute, run anywhere
         hp = dataclasses.replace(hp, iterations=2, warmup_steps=2, max_wallclock_seconds=0, val_loss_every=0,
                                  accum_splits=dinfo.world_size, train_batch_tokens=dinfo.world_size * hp.train_seq_len,
@@ -2784,6 +2788,11 @@ def flops_per_token(hp: Hyperparameters, seq_len: int, train: bool = True) -> fl
             loss.backward()
     attention = hp.effective_depth * 2 * seq_len * hp.model_dim * (3.5 if train else 1.0)
     return counter.get_total_flops() / seq_len + attention
+
+
+def budget_steps(hp: Hyperparameters) -> int:
+    """The steps TRAIN_TFLOPS buys: a stopping rule that charges an arm its own FLOPs without a clock's noise."""
+    return max(1, int(hp.train_tflops * 1e12 / (flops_per_token(hp, hp.train_seq_len) * hp.train_batch_tokens)))
 
 
 def activation_bytes_per_token(hp: Hyperparameters) -> float:

@@ -241,7 +241,8 @@ def run_seconds(rows: pd.DataFrame, hps: dict[str, train_gpt.Hyperparameters]) -
     estimates = {}
     for name, hp in hps.items():
         measured = per_arm.loc[name] if name in per_arm.index else overall
-        train, cap = hp.iterations * measured.step_ms / 1000, hp.max_wallclock_seconds
+        steps = train_gpt.budget_steps(hp) if hp.train_tflops else hp.iterations
+        train, cap = steps * measured.step_ms / 1000, hp.max_wallclock_seconds
         estimates[name] = float(measured.overhead + (min(train, cap) if cap > 0 else train))
     return None if ok.empty else estimates
 

@@ -8,8 +8,8 @@
 #                          the 600 s wallclock cap applies unless PROXY=1 (500 steps, no cap)
 #   PROFILE=demo           the CPU demo `bash run.sh` runs without CUDA: 330 s of training on 2 cores,
 #                          scored on the bundled val split (each value's reason below)
-#   PROFILE=cpu            the CPU proxy for experiments: the demo's model and schedule for 100 s,
-#                          scored on the held-out pool (847k tokens), under 3 minutes a run on 2 cores
+#   PROFILE=cpu            the CPU proxy for experiments: the demo's model and schedule for 6.1 TFLOPs
+#                          (160 steps), one thread, scored on the held-out pool (847k tokens)
 
 export ABLATE_CALLER_VARS="$(compgen -e | tr '\n' ' ')"
 export PROFILE="${PROFILE:-pod}"
@@ -67,7 +67,13 @@ case "$PROFILE" in
       export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-100}"
       export TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-50}"
     else
-      export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-115}"   # 100 s of training
+      # A fixed compute budget, not a clock: 6.1 TFLOPs is 160 steps of the demo model, fewer for an arm that
+      # costs more FLOPs a step (TRAIN_TFLOPS). One thread per run, so a run's weights are the same whatever
+      # else the machine does (two sweeps side by side use both cores); the wallclock proxy's seed noise was
+      # mostly the shared machine's speed (LOG.md, crawler_vs_flat 2026-11-23).
+      export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"
+      export TRAIN_TFLOPS="${TRAIN_TFLOPS:-6.1}"
+      export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
       export VAL_FILES="${VAL_FILES:-*_heldout_*.bin}"               # paired eval noise ~0.002 (LOG.md)
       export EVAL_STRIDE="${EVAL_STRIDE:-$EVAL_SEQ_LEN}"             # plain windows: the held-out pool is big
       export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-50}"

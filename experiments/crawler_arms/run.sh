@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # crawler_arms: the seeds' crawler research arms (#990 ClownCar, #1308 Ouroboros, #579 Frugendorff),
 # one arm per variant against the plain production crawler (4 flat + 2 crawler x 2 loops). Every arm
-# is off in the control and changes one thing; cadence has its own experiment (experiments/cadence).
+# is off in the control and changes one thing; the ninth, cadence, is experiments/cadence (with progressive loops).
 # Arm widths are picked per profile below (ABLATE_* values, used in arms.tsv as ${ABLATE_*}).
 #   PROFILE=cpu SEEDS=1337,42,7 bash experiments/crawler_arms/run.sh
 #   SEEDS=1337,42 PROXY=1 bash experiments/crawler_arms/run.sh       (pod: 500 steps each)
