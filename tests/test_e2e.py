@@ -205,6 +205,19 @@ def test_wallclock_cap_holds_with_time_kept_for_calibration(local_corpus, tmp_pa
     assert 3 < out["steps"] < 100_000
 
 
+def test_compute_budget_sets_the_steps_from_each_configs_flops(local_corpus, tmp_path):
+    """TRAIN_TFLOPS stops a run after the steps its FLOPs buy: a deeper crawler gets fewer, whatever the clock."""
+    per_step = {loops: tg.flops_per_token(tg.Hyperparameters.from_env({**TINY, "CRAWLER_LOOPS": str(loops)}), 128) * 4096
+                for loops in (2, 4)}
+    budget = 7.5 * per_step[2] / 1e12
+    out = tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=100_000, TRAIN_TFLOPS=budget, VAL_LOSS_EVERY=0,
+                           RUN_ID="budget"))
+    assert out["steps"] == 7
+    deeper = tg.Hyperparameters.from_env({**TINY, "CRAWLER_LOOPS": "4", "TRAIN_TFLOPS": str(budget)})
+    assert tg.budget_steps(deeper) == int(budget * 1e12 / per_step[4]) < 7
+    assert "hp ITERATIONS=7" in (tmp_path / "logs" / "budget.txt").read_text()
+
+
 def test_late_qat_modes_switch_on_and_change_the_run(local_corpus, tmp_path):
     base = tiny_env(local_corpus, tmp_path, ITERATIONS=8, WARMDOWN_ITERS=8, VAL_LOSS_EVERY=0, QUANT="rtn",
                     LATE_QAT_THRESHOLD=0.5, EMA_DECAY=0, EXPORT_WEIGHTS="raw", SWA_EVERY=0)

@@ -468,7 +468,7 @@ def shell_assignments(path: Path) -> set[str]:
 
 def check_names(names: set[str], where: str) -> None:
     known = set(train_gpt.knob_names())
-    unknown = {n for n in names if n not in known and not ablate.runner_only(n) and n != "PYTHON"}
+    unknown = {n for n in names if n not in known and not ablate.runner_only(n) and n not in ("PYTHON", "OMP_NUM_THREADS")}
     owned = names & set(ablate.PER_RUN_VARS)
     assert not owned, f"{where} sets {owned}: the runner sets these per run"
     strict = unknown - PENDING
