@@ -906,6 +906,15 @@ class DeltaNet(nn.Module):
         return self.proj(rms_norm(o).reshape(B, T, -1))
 
 
+@contextlib.contextmanager
+def own_rng(stream: int) -> Iterator[None]:
+    """An arm's weights draw from a stream of their own (seeded from the global one, which is left as it was),
+    so every weight the control has starts the same with the arm on or off: a paired arm differs by the arm."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, ())) ^ stream)
+        yield
+
+
 def relu2(h: Tensor, slope: float) -> Tensor:
     return (F.leaky_relu(h, slope) if slope else F.relu(h)).square()
 
@@ -936,13 +945,14 @@ class ChokeMLP(MLP):
         groups = hp.choke_groups if self.shape == "grouped" else 1
         if self.shape in ("choke_flat", "grouped"):
             self.down = None                    # the per-loop bottleneck is the only way out
-        elif self.shape == "pyramid":
-            nn.init.normal_(self.down.weight, std=hidden ** -0.5)   # two zero factors in a row would never train
         choke_in = dim if self.shape.startswith("pyramid") else hidden
-        self.loop_down = nn.ModuleList(
-            nn.ModuleList(CastedLinear(choke_in // groups, c // groups) for _ in range(groups))
-            for _ in range(hp.crawler_loops))
-        self.loop_up = nn.ModuleList(CastedLinear(c, dim, zero_init=True) for _ in range(hp.crawler_loops))
+        with own_rng(2):
+            if self.shape == "pyramid":
+                nn.init.normal_(self.down.weight, std=hidden ** -0.5)   # two zero factors in a row would never train
+            self.loop_down = nn.ModuleList(
+                nn.ModuleList(CastedLinear(choke_in // groups, c // groups) for _ in range(groups))
+                for _ in range(hp.crawler_loops))
+            self.loop_up = nn.ModuleList(CastedLinear(c, dim, zero_init=True) for _ in range(hp.crawler_loops))
 
     def choke(self, h: Tensor, loop: int) -> Tensor:
         parts = self.loop_down[loop]
@@ -963,7 +973,8 @@ class Block(nn.Module):
     def __init__(self, hp: Hyperparameters, make_mlp: Callable[[], nn.Module], ve_dim: int = 0, delta_heads: int = 0):
         super().__init__()
         self.attn = Attention(hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init, ve_dim)
-        self.delta = DeltaNet(hp.model_dim, delta_heads) if delta_heads else None
+        with own_rng(1):
+            self.delta = DeltaNet(hp.model_dim, delta_heads) if delta_heads else None
         self.mlp = make_mlp()   # built after attention: the order the RNG has always been drawn in
         self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
@@ -2549,6 +2560,7 @@ COMPILE_GRAPH_BUDGET = 16
 
 def build_training(hp: Hyperparameters, data: RunData, dinfo: DistInfo, device: torch.device, log: Logger,
                    run_id: str) -> Trainer:
+    torch.manual_seed(hp.seed)   # the init depends on SEED alone, not on what the preflight probes drew
     model = CrawlerGPT(hp).to(device)
     model.set_backends(data.backend, data.delta_backend)
     if hp.late_qat_threshold:

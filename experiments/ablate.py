@@ -233,7 +233,7 @@ def plot_curves(path: Path, curves: list[pd.DataFrame], arm_names: Sequence[str]
 
 
 def run_seconds(rows: pd.DataFrame, hps: dict[str, train_gpt.Hyperparameters]) -> dict[str, float] | None:
-    """Seconds per run of each arm: ITERATIONS (or the wallclock cap) at the ms/step its earlier runs measured, plus
+    """Seconds per run of each arm: its steps (ITERATIONS, TRAIN_TFLOPS's, or the cap) at the ms/step its runs measured, plus
     their wall time outside the training loop; unmeasured arms take the measured mean. None: nothing measured."""
     ok = rows[(rows.status == "ok") & rows.step_ms.notna()]
     ok = ok.assign(overhead=(ok.wallclock_s - ok.train_seconds).clip(lower=0))
@@ -241,9 +241,8 @@ def run_seconds(rows: pd.DataFrame, hps: dict[str, train_gpt.Hyperparameters]) -
     estimates = {}
     for name, hp in hps.items():
         measured = per_arm.loc[name] if name in per_arm.index else overall
-        steps = train_gpt.budget_steps(hp) if hp.train_tflops else hp.iterations
-        train, cap = steps * measured.step_ms / 1000, hp.max_wallclock_seconds
-        estimates[name] = float(measured.overhead + (min(train, cap) if cap > 0 else train))
+        train = (train_gpt.budget_steps(hp) if hp.train_tflops else hp.iterations) * measured.step_ms / 1000
+        estimates[name] = float(measured.overhead + min(train, hp.max_wallclock_seconds or math.inf))
     return None if ok.empty else estimates
 
 

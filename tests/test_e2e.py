@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_gpt as tg
 
@@ -216,6 +217,20 @@ def test_compute_budget_sets_the_steps_from_each_configs_flops(local_corpus, tmp
     deeper = tg.Hyperparameters.from_env({**TINY, "CRAWLER_LOOPS": "4", "TRAIN_TFLOPS": str(budget)})
     assert tg.budget_steps(deeper) == int(budget * 1e12 / per_step[4]) < 7
     assert "hp ITERATIONS=7" in (tmp_path / "logs" / "budget.txt").read_text()
+
+
+def test_init_depends_on_the_seed_alone(local_corpus, tmp_path):
+    """An arm whose preflight probes draw more random numbers (DeltaNet's) starts every shared weight where the
+    control does: a paired comparison differs by the arm, not by a reshuffled init."""
+    def weights(**arm):
+        hp = tg.Hyperparameters.from_env(tiny_env(local_corpus, tmp_path, **arm))
+        data = tg.preflight(hp, tg.DistInfo(), torch.device("cpu"))
+        return tg.build_training(hp, data, tg.DistInfo(), torch.device("cpu"), tg.Logger(None), "init").model.state_dict()
+    control = weights()
+    for arm in ({"DELTA_NET_HEADS": 4}, {"CRAWLER_MLP": "residual"}, {"CRAWLER_MLP": "pyramid"}, {"HELIX": 1}):
+        on = weights(**arm)
+        assert len(on) > len(control), arm
+        assert all(torch.equal(v, on[k]) for k, v in control.items() if not k.startswith("crawler.0.mlp.down")), arm
 
 
 def test_late_qat_modes_switch_on_and_change_the_run(local_corpus, tmp_path):
