@@ -911,7 +911,7 @@ def own_rng(stream: int) -> Iterator[None]:
     """An arm's weights draw from a stream of their own (seeded from the global one, which is left as it was),
     so every weight the control has starts the same with the arm on or off: a paired arm differs by the arm."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(2**62, ())) ^ stream)
+        torch.manual_seed(int(torch.randint(2**62, (), device="cpu")) ^ stream)   # cpu: models are also built on meta
         yield
 
 
@@ -2785,7 +2785,7 @@ H100_BF16_FLOPS, POD_MFU, POD_STEP_OVERHEAD_S = 989e12, 0.536, 0.02678
 FINEWEB_VAL_TOKENS = 62_000_000   # the first 50,000 validation documents
 
 
-def flops_per_token(hp: Hyperparameters, seq_len: int, train: bool = True) -> float:
+def flops_per_token(hp: Hyperparameters, seq_len: int, train: bool = True, loops: int | None = None) -> float:
     """Training (forward + backward) or forward FLOPs per token: torch's flop counter on the meta device, with
     attention's T^2 matmuls added by hand, causal (half the scores) and FlashAttention's backward at 2.5x."""
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
@@ -2795,16 +2795,23 @@ def flops_per_token(hp: Hyperparameters, seq_len: int, train: bool = True) -> fl
     ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = model(ids, ids)
+        loss = model(ids, ids, loops=loops)
         if train:
             loss.backward()
-    attention = hp.effective_depth * 2 * seq_len * hp.model_dim * (3.5 if train else 1.0)
+    depth = hp.effective_depth - hp.num_crawler_layers * (hp.crawler_loops - (loops or hp.crawler_loops))
+    attention = depth * 2 * seq_len * hp.model_dim * (3.5 if train else 1.0)
     return counter.get_total_flops() / seq_len + attention
 
 
 def budget_steps(hp: Hyperparameters) -> int:
-    """The steps TRAIN_TFLOPS buys: a stopping rule that charges an arm its own FLOPs without a clock's noise."""
-    return max(1, int(hp.train_tflops * 1e12 / (flops_per_token(hp, hp.train_seq_len) * hp.train_batch_tokens)))
+    """The steps TRAIN_TFLOPS buys at this config's mean FLOPs a step (a cadence's or a loop schedule's cheaper
+    steps buy more): a stopping rule that charges each arm its own FLOPs without a clock's noise."""
+    loops = {1, *(n for _, n in hp.loops_schedule())}
+    flops = {n: flops_per_token(hp, hp.train_seq_len, loops=n) for n in loops}
+    bounds = [f for f, _ in hp.loops_schedule()] + [1.0]
+    per_token = sum((hi - lo) * (flops[n] + (hp.crawler_cadence - 1) * flops[1]) / hp.crawler_cadence
+                    for (lo, n), hi in zip(hp.loops_schedule(), bounds[1:]))
+    return max(1, int(hp.train_tflops * 1e12 / (per_token * hp.train_batch_tokens)))
 
 
 def activation_bytes_per_token(hp: Hyperparameters) -> float:

@@ -35,3 +35,17 @@ def test_production_default_fits_the_cap(tmp_path):
     assert 0 < out["relative_mse"] < 0.02 and 60 < out["pod_ms_per_step"] < 120
     log = (tmp_path / "dry.txt").read_text()
     assert "quant_k:" in log and "pod_ms_per_step:" in log and "export_seconds_estimate:" in log
+
+
+def test_compute_budget_charges_a_cadence_or_loop_schedule_its_cheaper_steps():
+    """TRAIN_TFLOPS buys steps at the mean FLOPs a step: half the steps at one loop (cadence 2, or one loop
+    for the first half) cost (F(2) + F(1)) / 2 a token, so the same budget buys more of them."""
+    env = {"MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "NUM_FLAT_LAYERS": "2", "NUM_CRAWLER_LAYERS": "1",
+           "CRAWLER_LOOPS": "2", "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "TRAIN_TFLOPS": "6.1"}
+    hp = tg.Hyperparameters.from_env(env)
+    one, two = (tg.flops_per_token(hp, 256, loops=n) for n in (1, 2))
+    assert one < two == tg.flops_per_token(hp, 256)
+    assert tg.budget_steps(hp) == int(6.1e12 / (two * 8192))
+    half = int(6.1e12 / ((one + two) / 2 * 8192))
+    for arm in ({"CRAWLER_CADENCE": "2"}, {"CRAWLER_LOOPS_SCHEDULE": "0:1,0.5:2"}):
+        assert tg.budget_steps(tg.Hyperparameters.from_env({**env, **arm})) == half > tg.budget_steps(hp), arm
