@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
 """The ablation runner: env vars plus arms.tsv make an experiment; every arm runs beside the control on the same
-seeds, each result (train_gpt.py's JSON) lands in results.tsv as it ends, and a LOG.md entry closes. See README.md.
-"""
+seeds, each result (train_gpt.py's JSON) lands in results.tsv as it ends, and a LOG.md entry closes. See README.md."""
 import argparse
 import contextlib
 import hashlib
@@ -13,10 +12,12 @@ import re
 import shlex
 import shutil
 import subprocess
+import threading
 import sys
 import time
 import warnings
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from string import Template
 from types import SimpleNamespace
@@ -40,16 +41,13 @@ PER_RUN_VARS = ("SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "RECORDS_DIR")     
 PROXY_ENV = {"ITERATIONS": "500", "MAX_WALLCLOCK_SECONDS": "0"}
 ALPHA, POWER = 0.05, 0.8            # the paired test's level (two-sided) and the power behind the MDE
 ARM_ID, KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z"), re.compile(r"[A-Z][A-Z0-9_]*\Z")
-# results.tsv starts with these (present even when every run failed), then the trainer's JSON scalars.
 LEAD_COLUMNS = ["arm", "seed", "status", "val_bpb", "step_ms", "train_seconds", "wallclock_s", "bytes_total", "run_id",
-                "code", "error"]
-# Sweeps made before train_gpt.py wrote its JSON named these columns differently.
-LEGACY_COLUMNS = {"sliding_bpb": "val_bpb", "ms_per_step": "step_ms", "train_s": "train_seconds",
-                  "pre_quant_bpb": "pre_quant_val_bpb", "post_quant_bpb": "post_quant_val_bpb"}
-# The arm table's number columns: title, arm_table column, format ("p": a p-value).
-NUMBER_COLUMNS = [("val_bpb", "val_bpb", ".5f"), ("mean Δ", "delta", "+.5f"), ("paired p", "p", "p"),
-                  ("Welch p", "welch_p", "p"), ("MDE", "mde", ".5f"), ("ms/step", "step_ms", ".1f"),
-                  ("bytes_total", "bytes_total", ",.0f")]
+                "code", "error"]   # results.tsv's first columns (even when every run failed), then the JSON's scalars
+LEGACY_COLUMNS = {"sliding_bpb": "val_bpb", "ms_per_step": "step_ms", "train_s": "train_seconds",   # names before
+                  "pre_quant_bpb": "pre_quant_val_bpb", "post_quant_bpb": "post_quant_val_bpb"}  # the JSON results
+NUMBER_COLUMNS = [("val_bpb", "val_bpb", ".5f"), ("mean Δ", "delta", "+.5f"), ("paired p", "p", "p"),   # title,
+                  ("Welch p", "welch_p", "p"), ("MDE", "mde", ".5f"), ("ms/step", "step_ms", ".1f"),  # column,
+                  ("bytes_total", "bytes_total", ",.0f")]                               # format ("p": a p-value)
 VERDICT_RULE = ("Δ = arm − control per seed, val_bpb (lower is better). **promote**: mean Δ ≤ −{t:g} and paired "
                 "t-test p < {alpha}; **worse**: mean Δ ≥ +{t:g} and p < {alpha}; worse?: mean Δ ≥ +{t:g} but p ≥ "
                 "{alpha} or 1 seed (rerun before dropping); else no signal. 95% CI: t-interval of mean Δ. MDE: (t[.975,"
@@ -112,14 +110,15 @@ def read_settings(environ: Mapping[str, str]) -> SimpleNamespace:
                 return value if raw else default
         raise ValidationError(f"{name}={raw!r}: expected {expected}")
     train_cmd = shlex.split(environ.get("TRAIN_CMD", ""))
+    gpus = 0 if train_cmd else setting("ABLATE_GPUS", torch.cuda.device_count(), int, lambda v: v >= 0, "int >= 0")
     return SimpleNamespace(
         seeds=setting("SEEDS", (1337,), lambda s: tuple(int(x) for x in re.split(r"[,\s]+", s) if x),
                       lambda v: v and min(v) >= 0 and len(set(v)) == len(v), "distinct integers >= 0, e.g. 1337,42"),
         proxy=setting("PROXY", "0", str, lambda v: v in ("0", "1"), "0 or 1") == "1",
         threshold=setting("THRESHOLD", 0.005, float, lambda v: 0 < v < math.inf, "a BPB delta > 0"),
         min_seeds=setting("MIN_SEEDS", 3, int, lambda v: v >= 1, "an integer >= 1"),
-        gpus=0 if train_cmd else setting("ABLATE_GPUS", torch.cuda.device_count(), int, lambda v: v >= 0, "int >= 0"),
-        profile=environ.get("PROFILE") or "pod", train_cmd=train_cmd)
+        jobs=setting("ABLATE_JOBS", 1, int, lambda v: v == 1 or v > 1 and not gpus, "1, or CPU runs side by side"),
+        profile=environ.get("PROFILE") or "pod", train_cmd=train_cmd, gpus=gpus)
 
 
 def run_child(cmd: Sequence[str], env: Mapping[str, str], console: Path, tick: Callable[[], Any]) -> int:
@@ -140,9 +139,8 @@ def read_results(path: Path) -> pd.DataFrame:
 
 
 def paired_stats(arm: np.ndarray, control: np.ndarray) -> dict[str, float]:
-    """arm − control on the same seeds: mean, 95% CI, paired p, Welch p (secondary) and the MDE, the smallest
-    true difference n seeds detect at ALPHA two-sided with POWER, from the observed spread of the differences:
-    (t.ppf(1 - ALPHA/2, n-1) + t.ppf(POWER, n-1)) * sd(differences) / sqrt(n)."""
+    """arm − control on the same seeds: mean, 95% CI, paired p, Welch p (secondary) and the MDE, the smallest true
+    difference n seeds detect at ALPHA two-sided with POWER: (t[1 - ALPHA/2, n-1] + t[POWER, n-1]) * sd(diff) / √n."""
     diff, n = arm - control, len(arm)
     out = dict(n=n, delta=diff.mean() if n else math.nan, ci_lo=math.nan, ci_hi=math.nan, p=math.nan,
                welch_p=math.nan, mde=math.nan)
@@ -160,11 +158,8 @@ def paired_stats(arm: np.ndarray, control: np.ndarray) -> dict[str, float]:
 def verdict(delta: float, p: float, threshold: float) -> str:
     """The rule of experiments/README.md: a promotion needs the paired test; a regression is flagged without."""
     significant = p < ALPHA           # False for a NaN p: fewer than 2 seeds, or no spread at all
-    if math.isnan(delta):
-        return "no data"
-    if delta <= -threshold and significant:
-        return "promote"
-    return ("worse" if significant else "worse?") if delta >= threshold else "no signal"
+    return ("no data" if math.isnan(delta) else "promote" if delta <= -threshold and significant
+            else ("worse" if significant else "worse?") if delta >= threshold else "no signal")
 
 
 def arm_table(rows: pd.DataFrame, arm_names: Sequence[str], threshold: float) -> pd.DataFrame:
@@ -269,7 +264,7 @@ class Sweep:
         self.names, self.settings = [arm.name for arm in self.arms], read_settings(environ)
         self.results, self.log_md = self.dir / "results", self.dir.parent / "LOG.md"
         self.logs, self.work, self.tsv = (self.results / name for name in ("logs", "work", "results.tsv"))
-        self.rows, self.ran, self.meta = pd.DataFrame(), 0, {}          # rows: read under the sweep's lock
+        self.rows, self.ran, self.meta, self.writing = pd.DataFrame(), 0, {}, threading.Lock()   # rows: under the lock
         self.plan, self.hps, self.records = [], {}, {}     # by validate: the runs; per arm its hp, its sweep.json
 
     def train_command(self) -> list[str]:
@@ -283,6 +278,8 @@ class Sweep:
         # shared: the caller's env and run.sh's exports, minus runner variables, plus PROXY
         base = {k: v for k, v in self.environ.items() if not runner_only(k)}
         base |= PROXY_ENV if self.settings.proxy else {}
+        if self.settings.jobs > 1:   # runs side by side share the cores: OpenMP threads that oversubscribe them spin
+            base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.settings.jobs)))
         arm_envs = []
         for arm in self.arms:
             where = f"arm {arm.name!r} (arms.tsv line {arm.line})"
@@ -345,7 +342,7 @@ class Sweep:
                                       f"config ({'; '.join(diff)}): move the folder aside or restore the settings")
         caller = set(env.get("ABLATE_CALLER_VARS", "").split()) & set(train_gpt.knob_names())   # from profile.sh
         command = [f"PROFILE={s.profile}", f"SEEDS={_seeds(s.seeds)}"] + ["PROXY=1"] * s.proxy + [
-            f"{k}={shlex.quote(env[k])}" for k in ("THRESHOLD", "MIN_SEEDS", "TRAIN_CMD", "ABLATE_GPUS",
+            f"{k}={shlex.quote(env[k])}" for k in ("THRESHOLD", "MIN_SEEDS", "TRAIN_CMD", "ABLATE_GPUS", "ABLATE_JOBS",
                                                    *sorted(caller)) if env.get(k)]
         device = train_gpt.device_name(torch.device("cuda" if s.gpus else "cpu"))
         self.meta.update(profile=s.profile, seeds=list(s.seeds), threshold=s.threshold, commit=train_gpt.git_commit(),
@@ -379,11 +376,12 @@ class Sweep:
             error = f"exit {rc}: {' | '.join(tail) or '(no output)'}"[-400:] if rc else f"exit 0 but no {_rel(result)}"
             row.update(status="failed", error=error)
             self.say(f"ablate: {run.arm.name} seed {run.seed}: FAILED {error}")
-        others = self.rows[(self.rows.arm != run.arm.name) | (self.rows.seed != run.seed)]   # a retry replaces
-        rows = pd.DataFrame([*others.to_dict("records"), row], columns=list(dict.fromkeys([*others.columns, *row])))
-        text = rows.replace(r"[\t\n]", " ", regex=True).to_csv(sep="\t", index=False, float_format="%.10g")
-        train_gpt.write_atomic(self.tsv, text.encode())
-        self.rows, self.ran = read_results(self.tsv), self.ran + 1     # the dtypes as a later sweep reads them
+        with self.writing:   # ABLATE_JOBS > 1: one run at a time rewrites results.tsv
+            others = self.rows[(self.rows.arm != run.arm.name) | (self.rows.seed != run.seed)]   # a retry replaces
+            rows = pd.DataFrame([*others.to_dict("records"), row], columns=list(dict.fromkeys([*others.columns, *row])))
+            text = rows.replace(r"[\t\n]", " ", regex=True).to_csv(sep="\t", index=False, float_format="%.10g")
+            train_gpt.write_atomic(self.tsv, text.encode())
+            self.rows, self.ran = read_results(self.tsv), self.ran + 1     # the dtypes as a later sweep reads them
 
     def plan_time(self, budget_minutes: float | None) -> dict[str, float] | None:
         """Estimates run times (timing the first run if nothing is measured), fits SEEDS to the budget, says the ETA."""
@@ -412,11 +410,13 @@ class Sweep:
         todo = self.todo()
         weights = [estimates[r.arm.name] if estimates else 1.0 for r in todo]
         bar_format = "{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ETA {remaining}"
-        with tqdm(total=sum(weights), bar_format=bar_format, smoothing=0, file=sys.stderr, disable=not todo) as bar:
-            for i, (run, weight) in enumerate(zip(todo, weights), 1):
-                bar.set_description_str(f"run {i}/{len(todo)} {run.arm.name} s{run.seed}")
-                self.run_one(run, bar.refresh)
-                bar.update(weight)
+        def one(i: int, run: Run, weight: float) -> None:
+            bar.set_description_str(f"run {i}/{len(todo)} {run.arm.name} s{run.seed}")
+            self.run_one(run, bar.refresh)
+            bar.update(weight)
+        with tqdm(total=sum(weights), bar_format=bar_format, smoothing=0, file=sys.stderr, disable=not todo) as bar, \
+                ThreadPoolExecutor(self.settings.jobs) as pool:   # threads: each only waits on its child
+            list(pool.map(one, itertools.count(1), todo, weights))
 
     def report(self, table: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
         """What summary.md and the LOG.md entry share: provenance, failures, the table, the verdict rule."""

@@ -27,14 +27,15 @@ EXPERIMENT_DIRS = sorted(p for p in EXPERIMENTS.iterdir() if (p / "run.sh").is_f
 # A stand-in for train_gpt.py: writes a log and the result JSON train_gpt.py writes, fast. Its behaviour is
 # keyed on knob values (the runner validates every override, so a test can only steer it through real knobs):
 #   LOGIT_SOFTCAP=13 always fails; LOGIT_SOFTCAP=14 exits 0 without a JSON; QK_GAIN_INIT=5 fails once while
-#   <script>.fail_once exists. val_bpb = 2.5 + (QK_GAIN_INIT - 4) / 100 * a per-seed factor + a per-seed offset,
+#   <script>.fail_once exists; LOGIT_SOFTCAP=15 takes a second, its start and end in <RUN_ID>.span. val_bpb = 2.5 + (QK_GAIN_INIT - 4) / 100 * a per-seed factor + a per-seed offset,
 #   so an arm's differences from the control vary a little from seed to seed, as real ones do.
 # Every run takes ITERATIONS steps at 6000 ms/step (60 s a run at ITERATIONS=10) as far as the budget knows.
 # Calls go to <script>.calls, each run's env to <RUN_ID>.env.json beside the script.
 FAKE_TRAINER = r'''
-import json, os, sys
+import json, os, sys, time
 from pathlib import Path
 here, env = Path(__file__), os.environ
+start = time.time()
 with here.with_suffix(".calls").open("a") as fh:
     fh.write(env["RUN_ID"] + "\n")
 here.with_name(env["RUN_ID"] + ".env.json").write_text(json.dumps(dict(env)))
@@ -62,6 +63,9 @@ result = {"run_id": env["RUN_ID"], "commit": "fake", "device": "cpu_fake", "torc
           "bytes_total": 600308, "bytes_code": 100, "bytes_model": 600208, "steps": steps,
           "train_seconds": 6.0 * steps, "step_ms": 6000.0, "unique_params": 4321,
           "phase_seconds": {"train": 6.0 * steps, "export": 0.1}, "curve": curve}
+if env.get("LOGIT_SOFTCAP") == "15":
+    time.sleep(1.0)
+    here.with_name(env["RUN_ID"] + ".span").write_text(f"{start} {time.time()}")
 (logs / (env["RUN_ID"] + ".json")).write_text(json.dumps(result))
 '''
 
@@ -318,6 +322,19 @@ def test_child_env_progress_and_proxy(tmp_path, fake, capsys):
     assert "run 1/1 arm s1337 100%" in bar and "ETA" in bar
     entry = (exp.parent / "LOG.md").read_text()
     assert "`PROFILE=cpu SEEDS=1337 PROXY=1 THRESHOLD=0.01" in entry and "ITERATIONS=20 bash" in entry
+
+
+def test_jobs_run_side_by_side_on_shared_cores(tmp_path, fake, capsys):
+    """ABLATE_JOBS=2: two runs at once (their spans overlap), every row written, the cores split between them."""
+    exp = make_experiment(tmp_path, ["control\tc\t-", "a\ta\tQK_GAIN_INIT=3.5", "b\tb\tQK_GAIN_INIT=4.5"])
+    rc, _ = sweep(exp, env_for(fake, SEEDS="1337,42", LOGIT_SOFTCAP="15", ABLATE_JOBS="2"))
+    assert rc == 0 and len(rows_of(exp)) == 6 and all(r.status == "ok" for r in rows_of(exp).values())
+    spans = sorted(tuple(map(float, p.read_text().split())) for p in fake.parent.glob("*.span"))
+    assert len(spans) == 6 and any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    child = json.loads((fake.parent / "exp_a_s42.env.json").read_text())
+    assert child["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert sweep(exp, env_for(fake, ABLATE_JOBS="2", ABLATE_GPUS="1", TRAIN_CMD=""))[0] == 2
+    assert "ABLATE_JOBS='2': expected 1, or CPU runs side by side" in capsys.readouterr().err
 
 
 def test_outputs_summary_plots_and_log(tmp_path, fake):
