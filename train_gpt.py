@@ -2288,7 +2288,8 @@ class Trainer:
             loss, bpb = evaluate(self.model, check, luts, hp.train_seq_len, hp.train_seq_len, hp.val_batch_size,
                                  self.dinfo, self.device)
         self.log.kv(step=self.step, val_loss=loss, val_bpb=bpb, train_time=f"{self.clock.seconds:.1f}s")
-        self.curve.append({"step": self.step, "train_seconds": self.clock.seconds, "val_loss": loss, "val_bpb": bpb})
+        if not full:   # the curve is one slice throughout: the full split's score would be a step, not progress
+            self.curve.append({"step": self.step, "train_seconds": self.clock.seconds, "val_loss": loss, "val_bpb": bpb})
         return {"val_loss": loss, "val_bpb": bpb}
 
     def run(self, val_tokens: Tensor, luts: ByteLUTs) -> dict:

@@ -43,6 +43,7 @@ def test_tiny_run_learns_and_reports(tiny_run):
     log = tmp / "logs" / "tiny.txt"
     val_bpb = [float(v) for v in re.findall(r"^step:\d+ val_loss:\S+ val_bpb:([0-9.]+)", log.read_text(), flags=re.M)]
     assert len(val_bpb) >= 3 and val_bpb[-1] < val_bpb[0] - 0.5, val_bpb   # steps 0, 30, 60 (+ EMA weights)
+    assert [point["step"] for point in out["curve"]] == [0, 30]   # the periodic checks; the full split is no point
     unigram = log_values(log, "unigram_val_bpb")[0]
     assert out["val_bpb"] < unigram, (out["val_bpb"], unigram)
     last = log.read_text().strip().splitlines()[-1]
