@@ -393,14 +393,14 @@ class Sweep:
         if budget_minutes and estimates is None:
             raise ValidationError("cannot plan to the budget: the first run failed, so nothing is measured")
         if budget_minutes:
-            asked, budget_s = s.seeds, budget_minutes * 60 - (time.monotonic() - started)
+            asked, budget_s = s.seeds, (budget_minutes * 60 - (time.monotonic() - started)) * s.jobs   # run-seconds
             s.seeds = fit_seeds(self.todo(), asked, estimates, budget_s, s.min_seeds)
             self.plan = [run for run in self.plan if run.seed in s.seeds]
             if s.seeds != asked:
                 self.say(f"ablate: SEEDS={_seeds(asked)} does not fit --budget-minutes {budget_minutes:g}: "
                          f"running SEEDS={_seeds(s.seeds)} (MIN_SEEDS={s.min_seeds})")
         left = self.todo()
-        eta = tqdm.format_interval(sum(estimates[r.arm.name] for r in left)) if estimates else "?"
+        eta = tqdm.format_interval(sum(estimates[r.arm.name] for r in left) / s.jobs) if estimates else "?"
         self.say(f"ablate: {len(self.plan) - len(left)} run(s) finished in {_rel(self.tsv)}, {len(left)} to run, "
                  f"about {eta}" + (f" of the {budget_minutes:g} min budget" if budget_minutes else ""))
         return estimates

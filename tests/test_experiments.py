@@ -327,7 +327,8 @@ def test_child_env_progress_and_proxy(tmp_path, fake, capsys):
 def test_jobs_run_side_by_side_on_shared_cores(tmp_path, fake, capsys):
     """ABLATE_JOBS=2: two runs at once (their spans overlap), every row written, the cores split between them."""
     exp = make_experiment(tmp_path, ["control\tc\t-", "a\ta\tQK_GAIN_INIT=3.5", "b\tb\tQK_GAIN_INIT=4.5"])
-    rc, _ = sweep(exp, env_for(fake, SEEDS="1337,42", LOGIT_SOFTCAP="15", ABLATE_JOBS="2"))
+    rc, lines = sweep(exp, env_for(fake, SEEDS="1337,42", LOGIT_SOFTCAP="15", ABLATE_JOBS="2"))
+    assert any("5 to run, about 02:30" in ln for ln in lines)   # 5 runs of 60 s, two at a time
     assert rc == 0 and len(rows_of(exp)) == 6 and all(r.status == "ok" for r in rows_of(exp).values())
     spans = sorted(tuple(map(float, p.read_text().split())) for p in fake.parent.glob("*.span"))
     assert len(spans) == 6 and any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
