@@ -973,7 +973,7 @@ class Block(nn.Module):
     def __init__(self, hp: Hyperparameters, make_mlp: Callable[[], nn.Module], ve_dim: int = 0, delta_heads: int = 0):
         super().__init__()
         self.attn = Attention(hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init, ve_dim)
-        with own_rng(1):
+        with own_rng(1) if delta_heads else contextlib.nullcontext():   # no fork for an arm that is off
             self.delta = DeltaNet(hp.model_dim, delta_heads) if delta_heads else None
         self.mlp = make_mlp()   # built after attention: the order the RNG has always been drawn in
         self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
@@ -2807,11 +2807,11 @@ def flops_per_token(hp: Hyperparameters, seq_len: int, train: bool = True, loops
 def budget_steps(hp: Hyperparameters) -> int:
     """The steps TRAIN_TFLOPS buys at this config's mean FLOPs a step (a cadence's or a loop schedule's cheaper
     steps buy more): a stopping rule that charges each arm its own FLOPs without a clock's noise."""
-    loops = {1, *(n for _, n in hp.loops_schedule())}
-    flops = {n: flops_per_token(hp, hp.train_seq_len, loops=n) for n in loops}
-    bounds = [f for f, _ in hp.loops_schedule()] + [1.0]
-    per_token = sum((hi - lo) * (flops[n] + (hp.crawler_cadence - 1) * flops[1]) / hp.crawler_cadence
-                    for (lo, n), hi in zip(hp.loops_schedule(), bounds[1:]))
+    schedule = hp.loops_schedule()
+    flops = {n: flops_per_token(hp, hp.train_seq_len, loops=n) for n in {1, *(n for _, n in schedule)}}
+    ends = [f for f, _ in schedule[1:]] + [1.0]
+    per_token = sum((end - start) * (flops[n] + (hp.crawler_cadence - 1) * flops[1]) / hp.crawler_cadence
+                    for (start, n), end in zip(schedule, ends))
     return max(1, int(hp.train_tflops * 1e12 / (per_token * hp.train_batch_tokens)))
 
 
