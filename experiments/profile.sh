@@ -47,7 +47,7 @@ case "$PROFILE" in
     export MLP_MULT="${MLP_MULT:-2}"                       # MLP 2x: -0.054 alone, and 14% fewer ms/step
     export CRAWLER_MLP_MULT="${CRAWLER_MLP_MULT:-2}"       #   (more steps beat width at 300 steps)
     export MLP_ACT="${MLP_ACT:-relu2}"                     #   relu^2, as the naive baseline
-    export XSA_LAST_N="${XSA_LAST_N:-0}"                   # XSA off: -0.033 and 5% fewer ms/step
+    export XSA_LAST_N="${XSA_LAST_N:-0}"                   # XSA off: xsa_coverage, all blocks +0.041, crawler only +0.032
     export MUON_MOMENTUM="${MUON_MOMENTUM:-0.95}"          # 0.85 -> 0.95: -0.031 (2 seeds); 0.99 is
     export MUON_MOMENTUM_WARMUP_START="${MUON_MOMENTUM_WARMUP_START:-0.85}"   # for 7,000 steps
     export WARMDOWN_FRAC="${WARMDOWN_FRAC:-0.5}"           # warmdown over the last half: -0.021 (2 seeds)

@@ -17,5 +17,4 @@ case "$PROFILE" in
   *) export NUM_FLAT_LAYERS=4 NUM_CRAWLER_LAYERS=0 SIZE_LIMIT=700000 ABLATE_FLAT=2 ABLATE_WIDE_DIM=144 ;;
 esac
 
-# experiments/crawler_power reuses these settings for its two arms (ABLATE_EXPERIMENT names its folder)
-exec "${PYTHON:-python3}" experiments/ablate.py "${ABLATE_EXPERIMENT:-experiments/crawler_vs_flat}" "$@"
+exec "${PYTHON:-python3}" experiments/ablate.py experiments/crawler_vs_flat "$@"
