@@ -29,12 +29,6 @@ else
   echo "setup_pod: no Hopper GPU: FlashAttention 3 not needed"
 fi
 
-# fla (flash-linear-attention): the Triton chunk_delta_rule behind DELTA_NET_HEADS > 0. Optional:
-# without it the DeltaNet arm runs its PyTorch chunked reference (same maths, slower); the log says which.
-if [ "${INSTALL_FLA:-1}" = 1 ] && ! $PY -c "import fla" 2>/dev/null; then
-  $PY -m pip install -q "${FLA_PIP_ARGS:-flash-linear-attention}" || echo "setup_pod: fla install failed (DeltaNet uses the PyTorch path)"
-fi
-
 $PY -c "import zstandard, brotli, sentencepiece, huggingface_hub" \
   || { echo "setup_pod: a required package failed to import (see above)" >&2; exit 1; }
 echo "setup_pod: zstandard, brotli, sentencepiece, huggingface_hub import fine"

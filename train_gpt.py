@@ -42,10 +42,6 @@ try:  # FlashAttention 3 (Hopper)
     from flash_attn_interface import flash_attn_func as fa3_attention
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     fa3_attention = None
-try:  # fla's Triton delta rule (the DeltaNet arm)
-    from fla.ops.delta_rule import chunk_delta_rule as fla_delta_rule
-except Exception:  # noqa: BLE001
-    fla_delta_rule = None
 
 # ============================================================================
 # Hyperparameters
@@ -140,8 +136,6 @@ class Hyperparameters:
                                        "(time when capped, else steps), e.g. 0:1,0.5:2; empty = CRAWLER_LOOPS throughout; "
                                        "evaluation always runs every loop")
     # --- crawler research arms: each is off by default, and off is the plain crawler bit for bit
-    delta_net_heads: int = knob(0, "DeltaNet: a delta-rule linear-attention sublayer with this many heads in every "
-                                "crawler block (0 = off)", lo=0, model=True)
     helix: bool = knob(False, "Helix: the crawler also fires on a stream of its own after every HELIX_STRIDE flat "
                        "layers, with gated cross-injection both ways (firing k reuses loop k mod CRAWLER_LOOPS)", model=True)
     helix_stride: int = knob(1, "flat layers between two Helix firings", lo=1, model=True)
@@ -285,14 +279,12 @@ class Hyperparameters:
         self._check_arms()
 
     def _check_arms(self) -> None:
-        arms = {"DELTA_NET_HEADS": self.delta_net_heads > 0, "HELIX": self.helix, "LOOP_SMEAR": self.loop_smear,
+        arms = {"HELIX": self.helix, "LOOP_SMEAR": self.loop_smear,
                 "TAP_DIM": self.tap_dim > 0, "CRAWLER_MLP": self.crawler_mlp != "standard",
                 "CRAWLER_LOOP_ROPE_SCALES": bool(self.crawler_loop_rope_scales),
                 "DELIBERATION": self.deliberation, "LOOP_DT": self.loop_dt < 1.0}
         for var, on in arms.items():
             require(not on or self.num_crawler_layers > 0, var, "is a crawler arm; NUM_CRAWLER_LAYERS is 0")
-        require(self.model_dim % max(self.delta_net_heads, 1) == 0, "DELTA_NET_HEADS",
-                f"{self.delta_net_heads} does not divide MODEL_DIM={self.model_dim}")
         if self.helix:
             require(self.helix_firings > 0, "HELIX_STRIDE", f"{self.helix_stride} exceeds NUM_FLAT_LAYERS={self.num_flat_layers}: "
                     "the crawler would never fire beside them")
@@ -459,6 +451,8 @@ ALIASES = {
     "N_EMBD": "MODEL_DIM", "D_MODEL": "MODEL_DIM", "DIM": "MODEL_DIM", "N_HEAD": "NUM_HEADS", "N_LAYER": "NUM_FLAT_LAYERS",
     "OUTPUT_DIR": "LOG_DIR / ARTIFACT_DIR", "GRAD_CLIP": "GRAD_CLIP_NORM", "EVAL_SEQ_LENGTH": "EVAL_SEQ_LEN",
 }
+# Knobs of arms that lost and were deleted: setting one is an error, never a silent no-op.
+REMOVED_KNOBS = {"DELTA_NET_HEADS": "the DeltaNet arm, experiments/LOG.md crawler_arms 2026-11-24"}
 # Prefixes too generic to claim: an unrelated variable may start with them.
 _GENERIC_PREFIXES = {"RUN", "DATA", "LOG", "MODEL", "MAX", "VAL", "TRAIN", "SEED", "COMPILE", "ITERATIONS",
                      "SIZE", "RECORDS", "ARTIFACT", "SUBMIT", "EMBED", "BYTE", "COMPRESS", "COMPRESSOR", "QUANT", "EVAL"}
@@ -482,6 +476,8 @@ def reject_unknown_knobs(env: Mapping[str, str]) -> None:
         name = var.upper()
         if name in ALIASES:
             raise HyperparameterError(f"{var}: not a knob of train_gpt.py; here it is {ALIASES[name]}")
+        if name in REMOVED_KNOBS:
+            raise HyperparameterError(f"{var}: removed from train_gpt.py ({REMOVED_KNOBS[name]})")
         distance, closest = min((edits(name, k), k) for k in known)
         if distance <= 2 or ("_" in name and name.split("_")[0] in prefixes):
             hint = closest if distance <= len(closest) // 2 else None
@@ -848,64 +844,6 @@ def exclusive(y: Tensor, v: Tensor) -> Tensor:
     return (y - (y * v_hat).sum(-1, keepdim=True) * v_hat).view(B, T, H, D)
 
 
-def delta_backend(device: torch.device) -> str:
-    """fla's Triton chunk_delta_rule on a GPU when importable, else the PyTorch chunked reference."""
-    return "fla" if device.type == "cuda" and fla_delta_rule is not None else "torch"
-
-
-def delta_rule_chunked(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, chunk: int = 64) -> Tensor:
-    """The delta rule S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, o_t = S_t^T q_t, computed a chunk at a
-    time (the WY form: inside a chunk the pseudo-values U solve (I + tril(beta K K^T, -1)) U = beta (V - K S)).
-    q, k, v [B,T,H,D] (q pre-scaled, q and k unit-norm), beta [B,T,H]. Zero padding at the end is inert
-    (beta = 0 there), and every output depends on positions <= t only."""
-    B, T, H, D = q.shape
-    pad = (-T) % chunk
-    q, k, v = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).transpose(1, 2) for t in (q, k, v))
-    beta = F.pad(beta.float(), (0, 0, 0, pad)).transpose(1, 2)
-    n = (T + pad) // chunk
-    q, k, v = (t.reshape(B, H, n, chunk, D) for t in (q, k, v))
-    beta = beta.reshape(B, H, n, chunk, 1)
-    eye = torch.eye(chunk, device=q.device)
-    lower = eye + (beta * k @ k.transpose(-1, -2)).tril(-1)
-    w = torch.linalg.solve_triangular(lower, beta * k, upper=False, unitriangular=True)
-    u = torch.linalg.solve_triangular(lower, beta * v, upper=False, unitriangular=True)
-    qk = (q @ k.transpose(-1, -2)).tril()
-    state, out = q.new_zeros(B, H, D, D), []
-    for i in range(n):
-        pseudo_v = u[:, :, i] - w[:, :, i] @ state
-        out.append(q[:, :, i] @ state + qk[:, :, i] @ pseudo_v)
-        state = state + k[:, :, i].transpose(-1, -2) @ pseudo_v
-    return torch.stack(out, 2).reshape(B, H, n * chunk, D)[:, :, :T].transpose(1, 2)
-
-
-def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, backend: str) -> Tensor:
-    if backend == "fla":
-        out = fla_delta_rule(q.bfloat16(), k.bfloat16(), v.bfloat16(), beta.bfloat16(), scale=1.0)
-        return out[0].to(v.dtype)
-    return delta_rule_chunked(q, k, v, beta).to(v.dtype)
-
-
-class DeltaNet(nn.Module):
-    """Canonical DeltaNet mixer (Yang et al. 2024): SiLU + L2-normed q/k, sigmoid write strength beta,
-    per-head output RMSNorm, zero-init output projection (no short convolution)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.q, self.k, self.v = CastedLinear(dim, dim), CastedLinear(dim, dim), CastedLinear(dim, dim)
-        self.beta = CastedLinear(dim, heads)
-        self.proj = CastedLinear(dim, dim, zero_init=True)
-        self.backend = "torch"
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, T, _ = x.shape
-        shape = (B, T, self.heads, self.head_dim)
-        q = F.normalize(F.silu(self.q(x)).view(shape).float(), dim=-1) * self.head_dim ** -0.5
-        k = F.normalize(F.silu(self.k(x)).view(shape).float(), dim=-1)
-        o = delta_rule(q, k, self.v(x).view(shape), torch.sigmoid(self.beta(x).float()), self.backend)
-        return self.proj(rms_norm(o).reshape(B, T, -1))
-
-
 @contextlib.contextmanager
 def own_rng(stream: int) -> Iterator[None]:
     """An arm's weights draw from a stream of their own (seeded from the global one, which is left as it was),
@@ -970,11 +908,9 @@ class ChokeMLP(MLP):
 
 
 class Block(nn.Module):
-    def __init__(self, hp: Hyperparameters, make_mlp: Callable[[], nn.Module], ve_dim: int = 0, delta_heads: int = 0):
+    def __init__(self, hp: Hyperparameters, make_mlp: Callable[[], nn.Module], ve_dim: int = 0):
         super().__init__()
         self.attn = Attention(hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init, ve_dim)
-        with own_rng(1) if delta_heads else contextlib.nullcontext():   # no fork for an arm that is off
-            self.delta = DeltaNet(hp.model_dim, delta_heads) if delta_heads else None
         self.mlp = make_mlp()   # built after attention: the order the RNG has always been drawn in
         self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
@@ -986,8 +922,6 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * ln_scale, rope, xsa, ve)
-        if self.delta is not None:
-            x = x + self.delta(rms_norm(x) * ln_scale)
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * ln_scale, loop)
 
 
@@ -1203,7 +1137,7 @@ class CrawlerGPT(nn.Module):
         flat_mlp = functools.partial(MLP, dim, hp.mlp_mult, hp.mlp_act, hp.mlp_leaky_slope)
         self.flat = nn.ModuleList(Block(hp, flat_mlp, hp.ve_dim if i in ve else 0) for i in range(hp.num_flat_layers))
         self.crawler = nn.ModuleList(Block(hp, functools.partial(self.crawler_mlp, hp), hp.ve_dim if hp.num_flat_layers + i in ve
-                                           else 0, hp.delta_net_heads) for i in range(hp.num_crawler_layers))
+                                           else 0) for i in range(hp.num_crawler_layers))
         self.ve_table = nn.Parameter(torch.randn(hp.vocab_size, hp.ve_dim) * 0.02) if ve else None
         order = {"bigram": 2, "trigram": 3}.get(hp.ngram_hash)
         self.ngram = NGramHash(order, hp.ngram_buckets, hp.ngram_dim, dim, hp.vocab_size) if order else None
@@ -1231,10 +1165,10 @@ class CrawlerGPT(nn.Module):
         """Embedding tables: their own Adam, their own storage kind."""
         return [p for p in (self.tok_emb.weight, self.ve_table, self.ngram.table if self.ngram else None) if p is not None]
 
-    def set_backends(self, attention: str, delta: str = "torch") -> None:
+    def set_backends(self, attention: str) -> None:
         for m in self.modules():
-            if isinstance(m, (Attention, DeltaNet)):
-                m.backend = attention if isinstance(m, Attention) else delta
+            if isinstance(m, Attention):
+                m.backend = attention
 
     def embed(self, ids: Tensor) -> Tensor:
         x = self.tok_emb(ids)
@@ -1311,8 +1245,8 @@ def count_unique_params(model: nn.Module) -> int:
 
 
 def arm_param_counts(model: CrawlerGPT) -> dict[str, int]:
-    """Parameters each active research arm adds: the LoopAdapter's members beyond the loop embedding,
-    DeltaNet sublayers, and the choke MLPs' per-loop bottlenecks."""
+    """Parameters each active research arm adds: the LoopAdapter's members beyond the loop embedding
+    and the choke MLPs' per-loop bottlenecks."""
     counts: dict[str, int] = {}
     if model.loops is not None:
         for name, p in model.loops.named_parameters():
@@ -1320,10 +1254,9 @@ def arm_param_counts(model: CrawlerGPT) -> dict[str, int]:
             if arm != "embed":
                 counts[arm] = counts.get(arm, 0) + p.numel()
     for block in model.crawler:
-        for part, module in (("delta_net", block.delta), ("crawler_mlp", block.mlp if isinstance(block.mlp, ChokeMLP) else None)):
-            if module is not None:
-                n = sum(p.numel() for name, p in module.named_parameters() if part == "delta_net" or name.startswith("loop_"))
-                counts[part] = counts.get(part, 0) + n
+        if isinstance(block.mlp, ChokeMLP):
+            n = sum(p.numel() for name, p in block.mlp.named_parameters() if name.startswith("loop_"))
+            counts["crawler_mlp"] = counts.get("crawler_mlp", 0) + n
     return counts
 
 
@@ -2447,7 +2380,6 @@ class RunData:
     luts: ByteLUTs
     tokenizer_sha256: str
     backend: str
-    delta_backend: str
 
 
 def load_tokenizer(path: str):
@@ -2521,15 +2453,12 @@ def preflight(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> Run
     compress_bytes(b"probe", hp.compressor, 1)          # the chosen compressor's module imports
     for folder, var in ((hp.artifact_dir, "ARTIFACT_DIR"), (hp.records_dir, "RECORDS_DIR"), (hp.log_dir, "LOG_DIR")):
         probe_folder(folder, var, dinfo.rank)
-    backend, delta = attention_backend(device), delta_backend(device)
+    backend = attention_backend(device)
     dtype, head_dim = (torch.bfloat16 if device.type == "cuda" else torch.float32), hp.model_dim // hp.num_heads
     q = torch.randn(1, 8, hp.num_heads, head_dim, device=device, dtype=dtype)
     causal_attention(q, q[:, :, :hp.num_kv_heads], q[:, :, :hp.num_kv_heads], backend)  # the backend runs with our shapes
-    if hp.delta_net_heads:
-        unit = F.normalize(q[:, :, :1].float(), dim=-1)
-        delta_rule(unit, unit, unit, torch.rand(1, 8, 1, device=device), delta)
     sha = hashlib.sha256(Path(hp.tokenizer_path).read_bytes()).hexdigest()
-    return RunData(train_files, val_tokens, build_byte_luts(sp, hp.vocab_size), sha, backend, delta)
+    return RunData(train_files, val_tokens, build_byte_luts(sp, hp.vocab_size), sha, backend)
 
 
 def check_fresh_run(hp: Hyperparameters, run_id: str, dinfo: DistInfo) -> None:
@@ -2563,7 +2492,7 @@ def build_training(hp: Hyperparameters, data: RunData, dinfo: DistInfo, device: 
                    run_id: str) -> Trainer:
     torch.manual_seed(hp.seed)   # the init depends on SEED alone, not on what the preflight probes drew
     model = CrawlerGPT(hp).to(device)
-    model.set_backends(data.backend, data.delta_backend)
+    model.set_backends(data.backend)
     if hp.late_qat_threshold:
         model.setup_qat(hp)
     log.kv(unique_params=count_unique_params(model), effective_depth=hp.effective_depth,
@@ -2631,7 +2560,7 @@ def score_artifact(path: Path, hp: Hyperparameters, data: RunData, dinfo: DistIn
     settings = eval_settings(hp, meta)
     log.kv(eval_settings=",".join(f"{k}={v}" for k, v in settings.items()),
            from_artifact=",".join(k for k in settings if k not in hp.explicit) or "none")
-    model.to(device).set_backends(data.backend, data.delta_backend)
+    model.to(device).set_backends(data.backend)
     model = compile_model(model, hp, device)
     seq, stride = settings["eval_seq_len"], settings["eval_stride"]
     post_loss, post = score(model, hp, data, seq, seq, dinfo, device, log, "post_quant")
@@ -2704,7 +2633,6 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
     log = Logger(log_path if dinfo.master else None, append=hp.resume)
     log_startup(log, hp, dinfo, device)
     log.kv(rehearsal=int(hp.rehearsal), train_shards=len(data.train_files), val_tokens=data.val_tokens.numel(), attention=data.backend,
-           delta_rule=data.delta_backend if hp.delta_net_heads else "off",
            unigram_val_bpb=f"{unigram_bpb(data.val_tokens, data.luts):.4f}")
     if hp.eval_only:
         artifact = Path(hp.eval_only)

@@ -89,11 +89,14 @@ def test_over_the_cap_fails_loudly_fits_or_prunes(tiny_run, local_corpus, tmp_pa
         tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=5, VAL_LOSS_EVERY=0, SIZE_TARGET="none",
                          SIZE_LIMIT=out["bytes_code"] + 1000, RUN_ID="over"))
     assert (tmp_path / "artifacts" / "over.over_cap.ptz").exists() and not (tmp_path / "artifacts" / "over.ptz").exists()
-    # fit: a cap that binds (the model must shrink by a quarter) is met by the grid, with no pruning
+    # fit: a cap that binds (the model must shrink by a quarter) is met by the grid, with no pruning. The window
+    # is 2% of this tiny model: its bytes move by about 1% between neighbouring k (5.6 kB for k 13.79 -> 13.91
+    # at 520 kB, not even monotone), so a narrower one is met or missed by luck.
     cap = out["bytes_code"] + int(out["bytes_model"] * 0.75)
+    margin = int(out["bytes_model"] * 0.75 * 0.02)
     fitted = tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=60, VAL_LOSS_EVERY=0, SIZE_LIMIT=cap,
-                              SIZE_MARGIN=3000, RUN_ID="fitted"))
-    assert cap - 3000 <= fitted["bytes_total"] <= cap and fitted["pruned"] == 0
+                              SIZE_MARGIN=margin, RUN_ID="fitted"))
+    assert cap - margin <= fitted["bytes_total"] <= cap and fitted["pruned"] == 0
     # prune: the absmax grid at a cap a few hundred bytes too small
     absmax = tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=60, VAL_LOSS_EVERY=0, QUANT_CLIP="absmax",
                               SIZE_TARGET="none", RUN_ID="absmax"))
@@ -221,14 +224,14 @@ def test_compute_budget_sets_the_steps_from_each_configs_flops(local_corpus, tmp
 
 
 def test_init_depends_on_the_seed_alone(local_corpus, tmp_path):
-    """An arm whose preflight probes draw more random numbers (DeltaNet's) starts every shared weight where the
-    control does: a paired comparison differs by the arm, not by a reshuffled init."""
+    """An arm that builds weights of its own starts every shared weight where the control does: a paired
+    comparison differs by the arm, not by a reshuffled init."""
     def weights(**arm):
         hp = tg.Hyperparameters.from_env(tiny_env(local_corpus, tmp_path, **arm))
         data = tg.preflight(hp, tg.DistInfo(), torch.device("cpu"))
         return tg.build_training(hp, data, tg.DistInfo(), torch.device("cpu"), tg.Logger(None), "init").model.state_dict()
     control = weights()
-    for arm in ({"DELTA_NET_HEADS": 4}, {"CRAWLER_MLP": "residual"}, {"CRAWLER_MLP": "pyramid"}, {"HELIX": 1}):
+    for arm in ({"LOOP_SMEAR": 1}, {"CRAWLER_MLP": "residual"}, {"CRAWLER_MLP": "pyramid"}, {"HELIX": 1}):
         on = weights(**arm)
         assert len(on) > len(control), arm
         assert all(torch.equal(v, on[k]) for k, v in control.items() if not k.startswith("crawler.0.mlp.down")), arm
