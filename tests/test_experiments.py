@@ -299,6 +299,21 @@ def test_resume_refuses_a_changed_config(tmp_path, fake, capsys):
     assert rc == 0 and len(calls(fake)) == 4
 
 
+def test_resume_ignores_a_deleted_knob_that_was_off(tmp_path, fake, capsys):
+    assert set(ablate.DELETED_KNOB_OFF) <= set(train_gpt.REMOVED_KNOBS)
+    exp = make_experiment(tmp_path, ["control\tc\t-", "rtn\tr\tQUANT=rtn"])
+    assert sweep(exp, env_for(fake))[0] == 0
+    meta_path = exp / "results" / "sweep.json"
+    meta = json.loads(meta_path.read_text())
+    for value, resumes in (("0", True), ("4", False)):   # the runs were made when DELTA_NET_HEADS existed
+        meta["arms"]["control"]["env"]["DELTA_NET_HEADS"] = value
+        meta_path.write_text(json.dumps(meta))
+        rc, _ = sweep(exp, env_for(fake, SEEDS="1337,42"))
+        assert (rc == 0) == resumes
+    assert "DELTA_NET_HEADS: 4 -> None" in capsys.readouterr().err
+    assert calls(fake)[2:] == ["exp_control_s42", "exp_rtn_s42"]
+
+
 def test_child_env_progress_and_proxy(tmp_path, fake, capsys):
     exp = make_experiment(tmp_path, ["control\tc\t-", "arm\ta\tQK_GAIN_INIT=3 ITERATIONS=7"])
     env = env_for(fake, PROXY="1", THRESHOLD="0.01", PROFILE="cpu", ABLATE_HELPER="x", ITERATIONS="20",
