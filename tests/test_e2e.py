@@ -207,7 +207,7 @@ def test_wallclock_cap_holds_with_time_kept_for_calibration(local_corpus, tmp_pa
     step_s = out["main_loop_seconds"] / out["steps"]
     assert out["main_loop_seconds"] <= 5 + 2 * step_s          # the 8 s cap less the 3 s GPTQ reserve
     assert out["train_seconds"] <= 5 + 4 * step_s               # replay's 2 steps were kept back too
-    assert 3 < out["steps"] < 100_000
+    assert 0 < out["steps"] < 100_000   # under load one step can take 9 s (CI clone beside two sweeps): 1 step
 
 
 def test_compute_budget_sets_the_steps_from_each_configs_flops(local_corpus, tmp_path):
