@@ -492,10 +492,13 @@ ASSIGN = re.compile(r"(?:^|[\s;)])(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=")
 
 
 def shell_assignments(path: Path) -> set[str]:
+    """Names a script assigns, its sourced experiments/*.sh helpers included (profile.sh is checked on its own)."""
     names = set()
     for line in path.read_text().splitlines():
         code = line.split("#", 1)[0] if not line.lstrip().startswith("#") else ""
         names |= {n for n in ASSIGN.findall(code) if n == n.upper()}
+        if (m := re.match(r"\s*source (experiments/\w+\.sh)", code)) and m[1] != "experiments/profile.sh":
+            names |= shell_assignments(ROOT / m[1])
     return names
 
 

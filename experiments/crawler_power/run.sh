@@ -6,11 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source experiments/profile.sh
-
-export SIZE_TARGET=fit VE_LAYERS=all CRAWLER_LOOPS=2
-case "$PROFILE" in
-  pod) export NUM_FLAT_LAYERS=6 NUM_CRAWLER_LAYERS=0 SIZE_LIMIT=12000000 ABLATE_FLAT=4 ;;
-  *) export NUM_FLAT_LAYERS=4 NUM_CRAWLER_LAYERS=0 SIZE_LIMIT=700000 ABLATE_FLAT=2 ;;
-esac
+source experiments/equal_bytes.sh   # flat only against the arms, every one fitted under the same cap
 
 exec "${PYTHON:-python3}" experiments/ablate.py experiments/crawler_power "$@"

@@ -7,8 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 source experiments/second_corpus.sh   # PROFILE=cpu unless set, and the vimdoc corpus
 source experiments/profile.sh
-
-# crawler_power's CPU settings: 4 flat x 128 against 2 flat + 1 crawler x 2, both fitted under 700,000 bytes
-export SIZE_TARGET=fit VE_LAYERS=all CRAWLER_LOOPS=2 NUM_FLAT_LAYERS=4 NUM_CRAWLER_LAYERS=0 SIZE_LIMIT=700000 ABLATE_FLAT=2
+source experiments/equal_bytes.sh   # flat only against the arms, every one fitted under the same cap
 
 exec "${PYTHON:-python3}" experiments/ablate.py experiments/crawler_power_confirm "$@"
