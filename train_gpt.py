@@ -451,8 +451,9 @@ ALIASES = {
     "N_EMBD": "MODEL_DIM", "D_MODEL": "MODEL_DIM", "DIM": "MODEL_DIM", "N_HEAD": "NUM_HEADS", "N_LAYER": "NUM_FLAT_LAYERS",
     "OUTPUT_DIR": "LOG_DIR / ARTIFACT_DIR", "GRAD_CLIP": "GRAD_CLIP_NORM", "EVAL_SEQ_LENGTH": "EVAL_SEQ_LEN",
 }
-# Knobs of arms that lost and were deleted: setting one is an error, never a silent no-op.
-REMOVED_KNOBS = {"DELTA_NET_HEADS": "the DeltaNet arm, experiments/LOG.md crawler_arms 2026-11-24"}
+# Knobs of arms that lost and were deleted, with the value that meant off: setting one is an error, never a
+# silent no-op (experiments/ablate.py resumes a sweep whose stored runs had it off).
+REMOVED_KNOBS = {"DELTA_NET_HEADS": ("0", "the DeltaNet arm, experiments/LOG.md crawler_arms 2026-11-24")}
 # Prefixes too generic to claim: an unrelated variable may start with them.
 _GENERIC_PREFIXES = {"RUN", "DATA", "LOG", "MODEL", "MAX", "VAL", "TRAIN", "SEED", "COMPILE", "ITERATIONS",
                      "SIZE", "RECORDS", "ARTIFACT", "SUBMIT", "EMBED", "BYTE", "COMPRESS", "COMPRESSOR", "QUANT", "EVAL"}
@@ -477,7 +478,7 @@ def reject_unknown_knobs(env: Mapping[str, str]) -> None:
         if name in ALIASES:
             raise HyperparameterError(f"{var}: not a knob of train_gpt.py; here it is {ALIASES[name]}")
         if name in REMOVED_KNOBS:
-            raise HyperparameterError(f"{var}: removed from train_gpt.py ({REMOVED_KNOBS[name]})")
+            raise HyperparameterError(f"{var}: removed from train_gpt.py ({REMOVED_KNOBS[name][1]})")
         distance, closest = min((edits(name, k), k) for k in known)
         if distance <= 2 or ("_" in name and name.split("_")[0] in prefixes):
             hint = closest if distance <= len(closest) // 2 else None

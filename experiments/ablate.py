@@ -39,9 +39,6 @@ import train_gpt  # noqa: E402
 RUNNER_VARS = ("SEEDS", "PROFILE", "PROXY", "THRESHOLD", "MIN_SEEDS", "TRAIN_CMD")  # with ABLATE_*: never passed on
 PER_RUN_VARS = ("SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "RECORDS_DIR")          # the runner sets these
 PROXY_ENV = {"ITERATIONS": "500", "MAX_WALLCLOCK_SECONDS": "0"}
-# Knobs deleted with their arm (train_gpt.REMOVED_KNOBS) and the value that meant off: a finished run made with
-# it off trained what the code trains today, so its sweep still resumes.
-DELETED_KNOB_OFF = {"DELTA_NET_HEADS": "0"}
 ALPHA, POWER = 0.05, 0.8            # the paired test's level (two-sided) and the power behind the MDE
 ARM_ID, KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z"), re.compile(r"[A-Z][A-Z0-9_]*\Z")
 LEAD_COLUMNS = ["arm", "seed", "status", "val_bpb", "step_ms", "train_seconds", "wallclock_s", "bytes_total", "run_id",
@@ -341,7 +338,7 @@ class Sweep:
         for name in sorted(set(self.rows.arm[self.rows.status == "ok"]) & set(self.records) & set(stored)):
             old, new = stored[name]["env"], self.records[name]["env"]
             if diff := [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)
-                        and not (k not in new and old.get(k) == DELETED_KNOB_OFF.get(k))]:
+                        and not (k not in new and old.get(k) == train_gpt.REMOVED_KNOBS.get(k, (None,))[0])]:
                 raise ValidationError(f"arm {name!r} has finished runs in {_rel(self.results)} made with another "
                                       f"config ({'; '.join(diff)}): move the folder aside or restore the settings")
         caller = set(env.get("ABLATE_CALLER_VARS", "").split()) & set(train_gpt.knob_names())   # from profile.sh
