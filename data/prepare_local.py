@@ -1,16 +1,15 @@
 """Build a small local corpus (tokenizer + shards) that needs no network.
 
-Default source: English text that ships with the running Python itself --
-the `pydoc_data.topics` help pages plus the docstrings of the standard library
-(read with `ast`, never imported: importing some stdlib modules has side
-effects, e.g. `antigravity` opens a browser). Your own text can be used with
-`--text-dir DIR` (every *.txt file, one document each) and/or `--jsonl FILE`
-(one JSON object per line with a "text" field).
+Default source: the shipped demo corpus, data/corpus/python_docs.jsonl.xz (CPython 3.11.7's own
+documentation, harvested by data/harvest_python_docs.py; licences in data/corpus/README.md), so every
+machine and every Python builds the same tokenizer and shards. Your own text can be used with
+`--text-dir DIR` (every *.txt file, one document each) and/or `--jsonl FILE` (one JSON object per line
+with a "text" field).
 
 Outputs (under --out-root, default: the repo's data/ directory):
     tokenizers/{name}_1024_bpe.model (+ .vocab)
     datasets/{name}_sp1024/{name}_train_000000.bin ...
-    datasets/{name}_sp1024/{name}_val_000000.bin ...
+    datasets/{name}_sp1024/{name}_val_000000.bin ...   (+ {name}_heldout_* for the shipped corpus)
     datasets/{name}_sp1024/manifest.json
 
 The tokenizer follows the challenge spec (SentencePiece BPE, vocab 1024,
@@ -18,25 +17,26 @@ byte fallback, split digits, nmt_nfkc, no dummy prefix, pad/bos/eos/unk =
 0/1/2/3) and is trained on the train documents only. Each document is encoded
 as [BOS] + tokens, no EOS, like the challenge's FineWeb shards.
 
+Documents are split into train and val by a hash of their text. The train documents are written in a
+random order drawn from --shuffle-seed (recorded in the manifest), as FineWeb's shards hold web pages
+in effectively random order: a loader that streams them in order then sees mixed topics, not one source
+after another (in harvest order the warmdown trained on the last modules only; experiments/LOG.md).
+
 Reruns are cheap: if manifest.json matches the requested parameters and every
-listed file still has its recorded sha256, the build is skipped.
+listed file still has its recorded sha256, the build is skipped; a dataset built
+with other parameters (an older format, another order) is rebuilt.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import io
 import json
-import os
-import platform
+import lzma
 import re
 import sys
-import sysconfig
 import time
-import warnings
-import zipfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,8 @@ from data.shard_io import iter_shard_paths, write_shards  # noqa: E402
 from train_gpt import write_atomic  # noqa: E402
 
 DEFAULT_OUT_ROOT = REPO_ROOT / "data"
-MANIFEST_FORMAT = 1
+SHIPPED_CORPUS = REPO_ROOT / "data" / "corpus" / "python_docs.jsonl.xz"
+MANIFEST_FORMAT = 2   # 2: train documents shuffled (shuffle_seed), the shipped corpus as default source
 VOCAB_SIZE = 1024
 BOS_ID = 1
 
@@ -73,64 +74,20 @@ SP_TRAINER_SPEC = {
 }
 SP_SEED = 1337
 
-# Directories of the stdlib that hold tests, demos or legacy tooling rather
-# than documentation worth training on.
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib",
-             "lib2to3", "turtledemo", "__pycache__"}
-MIN_MODULE_DOC_CHARS = 200
 SPLIT_BUCKETS = 10_000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 # ----------------------------------------------------------------- sources
 
-def harvest_pydoc_topics() -> list[str]:
-    """One document per pydoc help topic, in sorted key order."""
-    from pydoc_data.topics import topics
-
-    return [topics[key] for key in sorted(topics) if topics[key].strip()]
-
-
-_DEFS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-
-
-def _docstrings_in_order(tree: ast.Module) -> list[str]:
-    """Module, class and function docstrings in source order, including defs
-    nested in if/try/with blocks."""
-    found: list[str] = []
-
-    def record(node) -> None:
-        doc = ast.get_docstring(node, clean=True)
-        if doc and doc.strip():
-            found.append(doc.strip())
-
-    def visit(node) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, _DEFS):
-                record(child)
-                visit(child)
-            elif not isinstance(child, ast.expr):  # expressions hold no defs
-                visit(child)
-
-    record(tree)
-    visit(tree)
-    return found
-
-
-def iter_stdlib_sources(stdlib_dir: Path):
-    """Paths of the stdlib's .py files in a deterministic (sorted) order."""
-    for dirpath, dirnames, filenames in os.walk(stdlib_dir):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        for filename in sorted(filenames):
-            if filename.endswith(".py"):
-                yield Path(dirpath) / filename
-
-
-def harvest_stdlib_docstrings(stdlib_dir: Path | None = None) -> list[str]:
-    """One document per stdlib module: its docstrings joined by blank lines."""
-    stdlib_dir = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
-    docs = [module_docstrings(path.read_bytes()) for path in iter_stdlib_sources(stdlib_dir)]
-    return [text for text in docs if len(text) >= MIN_MODULE_DOC_CHARS]
+def read_shipped_corpus(path: Path = SHIPPED_CORPUS) -> tuple[list[str], list[str]]:
+    """(documents, held-out documents) of the shipped JSONL.xz corpus, in file order."""
+    try:
+        rows = [json.loads(line) for line in lzma.decompress(path.read_bytes()).decode("utf-8").splitlines()]
+    except (OSError, lzma.LZMAError, ValueError) as err:
+        raise SystemExit(f"prepare_local: error: {path}: cannot read the shipped corpus ({err}) — "
+                         "restore it with git checkout -- data/corpus") from None
+    return [r["text"] for r in rows if not r.get("heldout")], [r["text"] for r in rows if r.get("heldout")]
 
 
 def read_text_dir(text_dir: Path) -> list[str]:
@@ -157,47 +114,6 @@ def read_jsonl(path: Path) -> list[str]:
                 raise SystemExit(f"prepare_local: error: {path}:{lineno}: \"text\" must be a string")
             docs.append(text)
     return docs
-
-
-def harvest_heldout(stdlib_dir: Path | None = None) -> list[str]:
-    """A large held-out validation pool of the same kind of text, never trained on (tokenizer included):
-    the docstrings of the stdlib parts the corpus skips (tests, IDLE, lib2to3, turtledemo) and of the pip
-    and setuptools wheels that ship inside the stdlib's ensurepip. ~600k tokens: enough that the sampling
-    noise of a val_bpb drops below 0.002 (the bundled val split alone, 28k tokens, has ~0.008)."""
-    stdlib_dir = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
-    sources = [(p.relative_to(stdlib_dir).as_posix(), p.read_bytes) for d in sorted(SKIP_DIRS - {"site-packages",
-               "dist-packages", "__pycache__"}) for p in iter_stdlib_sources(stdlib_dir / d)]
-    for wheel in sorted((stdlib_dir / "ensurepip" / "_bundled").glob("*.whl")):
-        archive = zipfile.ZipFile(wheel)
-        sources += [(name, lambda n=name, a=archive: a.read(n)) for name in sorted(archive.namelist()) if name.endswith(".py")]
-    return [text for _, read in sources if len(text := module_docstrings(read())) >= MIN_MODULE_DOC_CHARS]
-
-
-def module_docstrings(source: bytes) -> str:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # invalid escapes etc. in old files
-            return "\n\n".join(_docstrings_in_order(ast.parse(source)))
-    except (SyntaxError, ValueError):
-        return ""
-
-
-REFERENCE_PYTHON = "3.11.7"   # the Python the documented corpus figures come from
-
-
-def default_source_key() -> dict:
-    # The harvest is a pure function of the Python installation, so its version
-    # string identifies it without re-reading 500+ files on every rerun.
-    return {"kind": "python-docs", "python": sys.version, "min_module_doc_chars": MIN_MODULE_DOC_CHARS,
-            "heldout": "stdlib tests/idlelib/lib2to3/turtledemo + ensurepip wheels"}
-
-
-def harvest_default() -> tuple[list[str], str]:
-    topics = harvest_pydoc_topics()
-    modules = harvest_stdlib_docstrings()
-    desc = (f"Python {platform.python_version()} documentation: {len(topics)} pydoc topics "
-            f"+ docstrings of {len(modules)} stdlib modules")
-    return topics + modules, desc
 
 
 def read_user_documents(text_dir: Path | None, jsonl: Path | None) -> tuple[list[str], str]:
@@ -240,6 +156,12 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
     if not train:
         raise SystemExit("prepare_local: error: the train split is empty; lower --val-fraction")
     return train, val
+
+
+def shuffled(docs: list[str], seed: int) -> list[str]:
+    """The documents in a random order drawn from seed: sorted by sha256(seed, text). It depends on the
+    texts and the seed alone (not on the input order, the Python or numpy), so a build is reproducible."""
+    return sorted(docs, key=lambda doc: hashlib.sha256(f"{seed}\n{doc}".encode("utf-8")).digest())
 
 
 # -------------------------------------------------------------- tokenizer
@@ -310,12 +232,15 @@ def output_paths(out_root: Path, name: str) -> dict:
 
 # --------------------------------------------------------------- manifest
 
-def requested_params(name: str, val_fraction: float, tokens_per_shard: int, source_key: dict) -> dict:
+def requested_params(name: str, val_fraction: float, tokens_per_shard: int, source_key: dict,
+                     shuffle_seed: int = 0) -> dict:
     return {
         "format": MANIFEST_FORMAT,
         "name": name,
         "val_fraction": val_fraction,
         "tokens_per_shard": tokens_per_shard,
+        "train_order": "shuffled",
+        "shuffle_seed": shuffle_seed,
         "tokenizer_spec": SP_TRAINER_SPEC,
         "tokenizer_seed": SP_SEED,
         "bos_per_document": True,
@@ -385,6 +310,7 @@ def build(out_root: Path, name: str, docs: list[str], description: str, params: 
     write_atomic(paths["vocab"], vocab_text(sp).encode("utf-8"))
 
     splits = {}
+    train_docs = shuffled(train_docs, params["shuffle_seed"])   # the tokenizer saw them in input order
     for split, split_docs in (("train", train_docs), ("val", val_docs), ("heldout", heldout or [])):
         if not split_docs:
             continue
@@ -432,7 +358,7 @@ def format_summary(manifest: dict, out_root: Path) -> str:
 
 def run(out_root=None, name: str = "local", text_dir=None, jsonl=None,
         val_fraction: float = 0.05, tokens_per_shard: int = 100_000_000,
-        force: bool = False, log=print) -> dict:
+        force: bool = False, log=print, shuffle_seed: int = 0) -> dict:
     """Build (or confirm) the local corpus. Returns a dict with the manifest,
     `dataset_dir`, `tokenizer_path` and `up_to_date` (True when skipped)."""
     start = time.perf_counter()
@@ -440,26 +366,20 @@ def run(out_root=None, name: str = "local", text_dir=None, jsonl=None,
     validate_args(name, val_fraction, tokens_per_shard)
     paths = output_paths(out_root, name)
 
+    heldout = None
     if text_dir is None and jsonl is None:
-        docs, description = None, None  # harvested only if a rebuild is needed
-        source_key = default_source_key()
+        docs, heldout = read_shipped_corpus()
+        description = (f"the shipped corpus {SHIPPED_CORPUS.relative_to(REPO_ROOT).as_posix()} (CPython 3.11.7 "
+                       f"documentation; + {len(heldout)} held-out documents for validation only)")
+        source_key = {"kind": "shipped", "corpus_sha256": corpus_sha256(docs + heldout)}
     else:
         docs, description = read_user_documents(text_dir and Path(text_dir), jsonl and Path(jsonl))
         source_key = {"kind": "user-text", "corpus_sha256": corpus_sha256(docs)}
-    params = requested_params(name, val_fraction, tokens_per_shard, source_key)
+    params = requested_params(name, val_fraction, tokens_per_shard, source_key, shuffle_seed)
 
     manifest = None if force else manifest_is_current(paths, params, out_root)
     up_to_date = manifest is not None
     if not up_to_date:
-        heldout = None
-        if docs is None:
-            docs, description = harvest_default()
-            heldout = harvest_heldout()
-            description += f" (+ {len(heldout)} held-out documents for validation only)"
-            if platform.python_version() != REFERENCE_PYTHON:
-                log(f"note: the corpus is harvested from this Python's own files ({platform.python_version()}); "
-                    f"the figures in README/LOG.md are on Python {REFERENCE_PYTHON}'s (745,012 train tokens, "
-                    "766 held-out documents), so scores here are not comparable with them")
         manifest = build(out_root, name, docs, description, params, heldout)
     log(("up to date: " if up_to_date else "built: ") + f"{name}_sp{VOCAB_SIZE}")
     log(format_summary(manifest, out_root))
@@ -487,7 +407,7 @@ def validate_args(name: str, val_fraction: float, tokens_per_shard: int) -> None
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Build a local sp1024 tokenizer + shards with no network "
-                    "(default text: the running Python's own documentation).")
+                    "(default text: the shipped corpus, CPython 3.11.7's documentation).")
     p.add_argument("--text-dir", type=Path, help="use every *.txt under DIR (recursive), one document per file")
     p.add_argument("--jsonl", type=Path, help="use FILE with one JSON object per line holding a \"text\" field")
     p.add_argument("--name", default="local", help="output name prefix (default: local)")
@@ -497,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max tokens per shard file (default: 100,000,000)")
     p.add_argument("--out-root", type=Path, default=DEFAULT_OUT_ROOT,
                    help="root holding tokenizers/ and datasets/ (default: <repo>/data)")
+    p.add_argument("--shuffle-seed", type=int, default=0,
+                   help="seed of the train documents' random order, recorded in the manifest (default: 0)")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifest says up to date")
     return p
 
@@ -504,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     run(out_root=args.out_root, name=args.name, text_dir=args.text_dir, jsonl=args.jsonl,
-        val_fraction=args.val_fraction, tokens_per_shard=args.tokens_per_shard, force=args.force)
+        val_fraction=args.val_fraction, tokens_per_shard=args.tokens_per_shard, force=args.force,
+        shuffle_seed=args.shuffle_seed)
     return 0
 
 

@@ -22,9 +22,8 @@ case "$PROFILE" in
     export VAL_MAX_TOKENS="${VAL_MAX_TOKENS:-2097152}"
     ;;
   demo|cpu)
-    if ! ls data/datasets/local_sp1024/*_heldout_*.bin >/dev/null 2>&1; then
-      "${PYTHON:-python3}" data/prepare_local.py
-    fi
+    # builds the shipped demo corpus, or says it is up to date (a dataset of another format is rebuilt)
+    "${PYTHON:-python3}" data/prepare_local.py
     export DATA_PATH="${DATA_PATH:-data/datasets/local_sp1024}"
     export TOKENIZER_PATH="${TOKENIZER_PATH:-data/tokenizers/local_1024_bpe.model}"
     # ---- the CPU demo profile (tuned by experiments/cpu_profile; LOG.md has the sweep) ----

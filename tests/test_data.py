@@ -101,10 +101,9 @@ def test_corrupt_shard_raises_value_error_naming_the_file(tmp_path, kind):
 
 @pytest.fixture(scope="module")
 def small_docs():
-    """A few hundred varied English documents: the pydoc topics cut into
-    paragraphs groups (deterministic for a given Python)."""
+    """A few hundred varied English documents: the shipped corpus's pydoc topics cut into paragraph groups."""
     docs = []
-    for text in prepare_local.harvest_pydoc_topics():
+    for text in prepare_local.read_shipped_corpus()[0][:79]:
         paras = [p for p in text.split("\n\n") if p.strip()]
         for i in range(0, len(paras), 6):
             docs.append("\n\n".join(paras[i:i + 6]))
@@ -155,8 +154,9 @@ def test_prepare_local_text_dir_builds_tokenizer_and_bos_shards(tmp_path, small_
         shards = sorted(dataset.glob(f"tiny_{split}_*.bin"))
         assert [s.name for s in shards] == [s["file"] for s in manifest["splits"][split]["shards"]]
         stream = np.concatenate([read_tokens(s) for s in shards])
-        want = np.concatenate([[1] + sp.encode(d) for d in split_docs])
-        assert stream.tolist() == want.tolist()  # BOS before each doc, no EOS, doc order kept
+        ordered = prepare_local.shuffled(split_docs, 0) if split == "train" else split_docs
+        want = np.concatenate([[1] + sp.encode(d) for d in ordered])
+        assert stream.tolist() == want.tolist()  # BOS before each doc, no EOS; train shuffled, val in order
         assert int((stream == 1).sum()) == len(split_docs) == manifest["splits"][split]["docs"]
         assert not (stream == 2).any()
         assert manifest["splits"][split]["tokens"] == len(stream)
@@ -185,6 +185,31 @@ def test_prepare_local_rerun_is_up_to_date_and_rebuild_is_identical(tmp_path, sm
     assert _build(args + ["--force"], capsys).startswith("built:")
     # Different parameters are not "up to date".
     assert _build(args[:-1] + ["0.3"], capsys).startswith("built:")
+
+
+def test_train_documents_are_shuffled_by_the_recorded_seed(tmp_path, small_docs, capsys):
+    """Numbered documents come out of the train shard in an order that is not the input order; the same seed
+    gives the same order on a second build, another seed another order; the manifest records the seed."""
+    docs = [f"document number {i:03d}. {text}" for i, text in enumerate(small_docs[:120])]
+    text_dir = tmp_path / "text"
+    text_dir.mkdir()
+    for i, doc in enumerate(docs):
+        (text_dir / f"{i:03d}.txt").write_text(doc, encoding="utf-8")
+
+    def train_order(out: str, *extra: str) -> list[int]:
+        _build(["--text-dir", str(text_dir), "--out-root", str(tmp_path / out), "--val-fraction", "0.1", *extra], capsys)
+        dataset = tmp_path / out / "datasets" / "local_sp1024"
+        sp = spm.SentencePieceProcessor(model_file=str(tmp_path / out / "tokenizers" / "local_1024_bpe.model"))
+        stream = read_tokens(dataset / "local_train_000000.bin")
+        starts = np.flatnonzero(stream == 1).tolist() + [len(stream)]
+        numbers = [int(sp.decode(stream[a + 1:b].tolist()).split("number ")[1][:3]) for a, b in zip(starts, starts[1:])]
+        assert json.loads((dataset / "manifest.json").read_text())["params"]["shuffle_seed"] == (int(extra[1]) if extra else 0)
+        return numbers
+
+    first, again, other = train_order("a"), train_order("b"), train_order("c", "--shuffle-seed", "7")
+    assert sorted(first) == [i for i in range(120) if not prepare_local.is_val_doc(docs[i], 0.1)]
+    assert first != sorted(first)            # not the input order
+    assert again == first and other != first and sorted(other) == sorted(first)
 
 
 def test_split_depends_only_on_text_not_order(small_docs):
@@ -235,6 +260,13 @@ def test_prepare_local_cli_runs_from_any_cwd(tmp_path):
     assert res.returncode == 0 and "--text-dir" in res.stdout and "--out-root" in res.stdout
 
 
+# The demo corpus's bytes on every machine (bash run.sh builds these): the README's figures are for them.
+DEMO_SHA256 = {"tokenizer": "a8b348a1e2e683a5473a52fdcf0d7d271d33681c6a12f6ef0802feaff34611fa",
+               "train": "6c603e19e3058447222f0381563d8e3ac6674908883b8ecc285e4833f119b955",
+               "val": "f53402531670f87e26cf61f44b085ee118e2448b150355e7d31034bc3a98cb11",
+               "heldout": "ce0dfd9f85d814bf03cfe33a159de65b42e6fd58224e58eda6deed6b33bfeb97"}
+
+
 def test_default_local_corpus(local_corpus):
     dataset_dir, tokenizer_path = local_corpus
     assert dataset_dir == ROOT / "data" / "datasets" / "local_sp1024"
@@ -245,7 +277,16 @@ def test_default_local_corpus(local_corpus):
         tokens = np.concatenate([read_tokens(p) for p in sorted(dataset_dir.glob(f"local_{split}_*.bin"))])
         assert tokens[0] == 1 and int((tokens == 1).sum()) == manifest["splits"][split]["docs"] > 0
         assert tokens.max() < 1024
-    assert manifest["splits"]["train"]["tokens"] > 500_000
+    assert {"tokenizer": manifest["tokenizer"]["sha256"],
+            **{k: v["shards"][0]["sha256"] for k, v in manifest["splits"].items()}} == DEMO_SHA256
+    assert manifest["params"]["train_order"] == "shuffled" and manifest["params"]["shuffle_seed"] == 0
+
+
+@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the shipped corpus is CPython 3.11.7's harvest")
+def test_shipped_corpus_is_the_harvest_of_python_3_11_7(tmp_path):
+    from data import harvest_python_docs
+    assert harvest_python_docs.main(["--out", str(tmp_path / "docs.jsonl.xz")]) == 0
+    assert (tmp_path / "docs.jsonl.xz").read_bytes() == harvest_python_docs.CORPUS_FILE.read_bytes()
 
 
 # --------------------------------------------------- cached_challenge_fineweb
