@@ -2,7 +2,8 @@
 # Pod setup, safe to re-run: Python packages, FlashAttention 3 on Hopper, checks, FineWeb data.
 set -euo pipefail
 cd "$(dirname "$0")"
-# requirements.txt into the interpreter run.sh uses too (PYTHON, the active venv, .venv or python3).
+# The requirements into the interpreter run.sh uses too (PYTHON, the active venv, .venv or python3);
+# on a GPU that means torch==2.13.0 from PyPI (CUDA 13.0) unless the interpreter already has a torch.
 . .ci/bootstrap.sh
 bootstrap_python setup_pod || exit 1
 PY=$PYTHON
@@ -15,8 +16,10 @@ PYEOF
 }
 if is_hopper; then
   if ! $PY -c "import flash_attn_interface" 2>/dev/null; then
-    # Override FA3_PIP_ARGS with the wheel that matches your torch/CUDA if this one does not.
-    FA3_PIP_ARGS=${FA3_PIP_ARGS:-"flash_attn_3 --find-links https://download.pytorch.org/whl/cu128/flash_attn_3/"}
+    # Pinned: the FlashAttention 3 wheel the 2026-04-05 record's README installs (CUDA 13.0, as
+    # the bootstrap's torch==2.13.0 from PyPI). FA3_PIP_ARGS overrides it with the wheel that
+    # matches your torch/CUDA if this one does not install or import.
+    FA3_PIP_ARGS=${FA3_PIP_ARGS:-"https://download.pytorch.org/whl/cu130/flash_attn_3-3.0.0-cp39-abi3-manylinux_2_28_x86_64.whl"}
     echo "setup_pod: trying FlashAttention 3: pip install $FA3_PIP_ARGS"
     $PY -m pip install -q $FA3_PIP_ARGS || echo "setup_pod: FA3 install failed"
   fi
@@ -29,9 +32,9 @@ else
   echo "setup_pod: no Hopper GPU: FlashAttention 3 not needed"
 fi
 
-$PY -c "import zstandard, brotli, sentencepiece, huggingface_hub" \
+$PY -c "import brotli, sentencepiece, huggingface_hub" \
   || { echo "setup_pod: a required package failed to import (see above)" >&2; exit 1; }
-echo "setup_pod: zstandard, brotli, sentencepiece, huggingface_hub import fine"
+echo "setup_pod: brotli, sentencepiece, huggingface_hub import fine"
 
 $PY data/cached_challenge_fineweb.py --train-shards "${TRAIN_SHARDS:-80}"
 echo "setup_pod: done"

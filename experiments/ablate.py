@@ -35,8 +35,10 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]          # the repo root, where train_gpt.py lives
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
+from experiments.cost_model import budget_steps  # noqa: E402
 
-RUNNER_VARS = ("SEEDS", "PROFILE", "PROXY", "THRESHOLD", "MIN_SEEDS", "TRAIN_CMD")  # with ABLATE_*: never passed on
+RUNNER_VARS = ("SEEDS", "PROFILE", "PROXY", "THRESHOLD", "MIN_SEEDS", "TRAIN_CMD",   # with ABLATE_*: never passed
+               "TRAIN_TFLOPS")                                                     # on (TRAIN_TFLOPS: ITERATIONS)
 PER_RUN_VARS = ("SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "RECORDS_DIR")          # the runner sets these
 PROXY_ENV = {"ITERATIONS": "500", "MAX_WALLCLOCK_SECONDS": "0"}
 ALPHA, POWER = 0.05, 0.8            # the paired test's level (two-sided) and the power behind the MDE
@@ -228,7 +230,7 @@ def plot_curves(path: Path, curves: list[pd.DataFrame], arm_names: Sequence[str]
 
 
 def run_seconds(rows: pd.DataFrame, hps: dict[str, train_gpt.Hyperparameters]) -> dict[str, float] | None:
-    """Seconds per run of each arm: its steps (ITERATIONS, TRAIN_TFLOPS's, or the cap) at the ms/step its runs measured, plus
+    """Seconds per run of each arm: its steps (ITERATIONS, or the cap) at the ms/step its runs measured, plus
     their wall time outside the training loop; unmeasured arms take the measured mean. None: nothing measured."""
     ok = rows[(rows.status == "ok") & rows.step_ms.notna()]
     ok = ok.assign(overhead=(ok.wallclock_s - ok.train_seconds).clip(lower=0))
@@ -236,7 +238,7 @@ def run_seconds(rows: pd.DataFrame, hps: dict[str, train_gpt.Hyperparameters]) -
     estimates = {}
     for name, hp in hps.items():
         measured = per_arm.loc[name] if name in per_arm.index else overall
-        train = (train_gpt.budget_steps(hp) if hp.train_tflops else hp.iterations) * measured.step_ms / 1000
+        train = hp.iterations * measured.step_ms / 1000
         estimates[name] = float(measured.overhead + min(train, hp.max_wallclock_seconds or math.inf))
     return None if ok.empty else estimates
 
@@ -256,13 +258,14 @@ def fit_seeds(todo: list[Run], seeds: Sequence[int], estimates: dict[str, float]
 class Sweep:
     """One experiment folder under one set of runner variables: its plan, its runs, its outputs."""
 
-    def __init__(self, folder: str | Path, environ: Mapping[str, str], say: Callable[[str], None] = tqdm.write):
+    def __init__(self, folder: str | Path, environ: Mapping[str, str], say: Callable[[str], None] = tqdm.write,
+                 results: str = "results"):
         self.dir, self.environ, self.say = Path(folder).resolve(), dict(environ), say
         if not (self.dir / "arms.tsv").is_file():
             raise ValidationError(f"{folder}: not an experiment folder (no arms.tsv)")
         self.arms = parse_arms_text((self.dir / "arms.tsv").read_text(), str(_rel(self.dir / "arms.tsv")))
         self.names, self.settings = [arm.name for arm in self.arms], read_settings(environ)
-        self.results, self.log_md = self.dir / "results", self.dir.parent / "LOG.md"
+        self.results, self.log_md = self.dir / results, self.dir.parent / "LOG.md"
         self.logs, self.work, self.tsv = (self.results / name for name in ("logs", "work", "results.tsv"))
         self.rows, self.ran, self.meta, self.writing = pd.DataFrame(), 0, {}, threading.Lock()   # rows: under the lock
         self.plan, self.hps, self.records = [], {}, {}     # by validate: the runs; per arm its hp, its sweep.json
@@ -292,6 +295,13 @@ class Sweep:
                 raise ValidationError(f"{where}: ${{{err.args[0]}}} is not set (run.sh sets it per PROFILE)") from None
         base |= {"LOG_DIR": str(_rel(self.logs)), "ARTIFACT_DIR": str(_rel(self.work / "artifacts")),
                  "RECORDS_DIR": str(_rel(self.work / "records"))}
+        if tflops := float(self.environ.get("TRAIN_TFLOPS") or 0):   # a compute budget: each arm's own steps
+            for arm_env in arm_envs:
+                try:
+                    hp = train_gpt.Hyperparameters.from_env({**base, **arm_env})
+                except train_gpt.GolfError:
+                    continue   # validate() names the bad value
+                arm_env["ITERATIONS"] = str(budget_steps(hp, tflops))
         return [Run(arm, seed, run_id, {**base, **arm_env, "SEED": str(seed), "RUN_ID": run_id})
                 for seed in self.settings.seeds for arm, arm_env in zip(self.arms, arm_envs)
                 for run_id in [f"{self.dir.name}_{arm.name}_s{seed}"]]
@@ -348,7 +358,8 @@ class Sweep:
         device = train_gpt.device_name(torch.device("cuda" if s.gpus else "cpu"))
         self.meta.update(profile=s.profile, seeds=list(s.seeds), threshold=s.threshold, commit=train_gpt.git_commit(),
                          command=" ".join(command + [f"bash {_rel(self.dir)}/run.sh" if "ABLATE_CALLER_VARS" in env
-                                                     else f"python experiments/ablate.py {_rel(self.dir)}"]),
+                                                     else f"python experiments/ablate.py {_rel(self.dir)}"]
+                                          + [f"--results {self.results.name}"] * (self.results.name != "results")),
                          device=(f"{s.gpus}x {device}" if s.gpus else device) + " (TRAIN_CMD)" * bool(s.train_cmd),
                          arms={**stored, **self.records})
         train_gpt.write_atomic(path, (json.dumps(self.meta, indent=1) + "\n").encode())
@@ -407,13 +418,14 @@ class Sweep:
         return estimates
 
     def run_all(self, estimates: dict[str, float] | None) -> None:
-        """A bar of estimated seconds (or runs) so tqdm's ETA weighs slow arms; refreshed each second of a run."""
+        """A bar of estimated seconds (or runs) so tqdm's ETA weighs slow arms; refreshed each second of a run on a
+        terminal, once a run in a file (a second's refresh there would be a line of its own)."""
         todo = self.todo()
         weights = [estimates[r.arm.name] if estimates else 1.0 for r in todo]
         bar_format = "{desc} {percentage:3.0f}%|{bar}| {elapsed} elapsed, ETA {remaining}"
         def one(i: int, run: Run, weight: float) -> None:
             bar.set_description_str(f"run {i}/{len(todo)} {run.arm.name} s{run.seed}")
-            self.run_one(run, bar.refresh)
+            self.run_one(run, bar.refresh if sys.stderr.isatty() else lambda: None)
             bar.update(weight)
         with tqdm(total=sum(weights), bar_format=bar_format, smoothing=0, file=sys.stderr, disable=not todo) as bar, \
                 ThreadPoolExecutor(self.settings.jobs) as pool:   # threads: each only waits on its child
@@ -479,11 +491,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser.add_argument("experiment", help="the experiment folder, e.g. experiments/quant")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
     parser.add_argument("--budget-minutes", type=float, help="cut SEEDS (never below MIN_SEEDS) to fit N minutes")
+    parser.add_argument("--results", default="results", metavar="NAME",
+                        help="the folder of this sweep's results inside the experiment's (default: results); another "
+                             "name reruns the experiment beside the first, e.g. on other data")
     args = parser.parse_args(argv)
     try:
         if args.budget_minutes is not None and not args.budget_minutes > 0:
             raise ValidationError(f"--budget-minutes {args.budget_minutes:g}: expected minutes > 0")
-        sweep = Sweep(args.experiment, os.environ if environ is None else environ, say)
+        if not ARM_ID.match(args.results) or not args.results.startswith("results"):
+            raise ValidationError(f"--results {args.results!r}: expected a folder name starting with 'results'")
+        sweep = Sweep(args.experiment, os.environ if environ is None else environ, say, args.results)
         missing = sweep.validate()
         if missing and not args.dry_run:
             raise ValidationError("; ".join(missing))

@@ -9,7 +9,10 @@
 #   PROFILE=demo           the CPU demo `bash run.sh` runs without CUDA: 330 s of training on 2 cores,
 #                          scored on the bundled val split (each value's reason below)
 #   PROFILE=cpu            the CPU proxy for experiments: the demo's model and schedule for 6.1 TFLOPs
-#                          (160 steps), one thread, scored on the held-out pool (847k tokens)
+#                          (160 steps; experiments/ablate.py turns TRAIN_TFLOPS into each arm's ITERATIONS),
+#                          one thread, scored on the held-out pool (847k tokens)
+#   PROFILE=rehearsal      the pod rehearsal (REHEARSAL=1 bash run.sh, experiments/rehearsal.py): production
+#                          sizes, two one-sequence steps, warm-up, no wallclock cap
 
 export ABLATE_CALLER_VARS="$(compgen -e | tr '\n' ' ')"
 export PROFILE="${PROFILE:-pod}"
@@ -83,8 +86,13 @@ case "$PROFILE" in
       export TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-50}"
     fi
     ;;
+  rehearsal)
+    export ITERATIONS="${ITERATIONS:-2}" WARMUP_STEPS="${WARMUP_STEPS:-2}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"
+    export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-0}" ACCUM_SPLITS="${ACCUM_SPLITS:-1}" GPTQ_CALIB_BATCHES="${GPTQ_CALIB_BATCHES:-2}"
+    export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-${TRAIN_SEQ_LEN:-2048}}"   # one sequence a step
+    ;;
   *)
-    echo "PROFILE=$PROFILE: expected pod, demo or cpu" >&2
+    echo "PROFILE=$PROFILE: expected pod, demo, cpu or rehearsal" >&2
     exit 2
     ;;
 esac

@@ -1,5 +1,7 @@
 """The crawler research arms (issue 6): off = the plain crawler bit for bit, on = a different model,
-causal, trained by the right optimizer and quantized by the export."""
+causal, trained by the right optimizer and quantized by the export. Helix, loop smear and per-loop RoPE were
+deleted after crawler_arms, taps and deliberation after arms_9seeds (issue 21; experiments/LOG.md); the choke
+MLP stays (it won on the seeds' pod), and so do contractive loops (LOOP_DT: a gain on the CPU proxy)."""
 import math
 from pathlib import Path
 
@@ -12,24 +14,10 @@ from make_plain_golden import BASE, CONFIGS
 from test_model import assert_causal, ids, make_model, small_hp
 
 # One small configuration per arm (and per mode where an arm has several).
-ARMS = {
-    "helix_linear": {"HELIX": 1, "HELIX_DIM": 8},
-    "helix_cross_attn": {"HELIX": 1, "HELIX_MODE": "cross_attn", "HELIX_DIM": 8, "NUM_FLAT_LAYERS": 4, "HELIX_STRIDE": 2},
-    "loop_smear": {"LOOP_SMEAR": 1},
-    "taps": {"TAP_DIM": 8},
-    "taps_shared_bottleneck": {"TAP_DIM": 8, "TAP_PER_LOOP": 0, "TAP_LAYERS": "1", "NUM_FLAT_LAYERS": 4,
-                               "CRAWLER_POSITION": "bottleneck"},
-    "choke_flat": {"CRAWLER_MLP": "choke_flat", "CHOKE_DIM": 8},
-    "pyramid": {"CRAWLER_MLP": "pyramid", "CHOKE_DIM": 8},
-    "pyramid_res": {"CRAWLER_MLP": "pyramid_res", "CHOKE_DIM": 8},
-    "grouped": {"CRAWLER_MLP": "grouped", "CHOKE_DIM": 8, "CHOKE_GROUPS": 2},
-    "residual": {"CRAWLER_MLP": "residual", "CHOKE_DIM": 8},
-    "loop_rope_scales": {"CRAWLER_LOOP_ROPE_SCALES": "1,4"},
-    "deliberation": {"DELIBERATION": 1},
-    "loop_dt": {"LOOP_DT": 0.5},
-}
+ARMS = {"choke_flat": {"CRAWLER_MLP": "choke_flat", "CHOKE_DIM": 8}, "loop_dt": {"LOOP_DT": 0.5}}
 # Arms whose new parameters start at zero: with the plain model's weights they compute the plain model.
-STARTS_AS_PLAIN = [a for a in ARMS if a not in ("loop_rope_scales", "loop_dt")]
+STARTS_AS_PLAIN = ["choke_flat"]
+WITH_PARAMETERS = ["choke_flat"]
 
 
 def wake(model: nn.Module, seed: int = 3) -> nn.Module:
@@ -54,15 +42,16 @@ def plain_and_arm(arm: str, fresh: bool) -> tuple[tg.CrawlerGPT, tg.CrawlerGPT]:
     return plain, on
 
 
-# Where the model before the arms kept what the LoopAdapter now owns.
-OLD_NAMES = {"loop_embed": "loops.embed", "inst_down.": "loops.inst_down.", "inst_up.": "loops.inst_up."}
+# The golden model's parameter names are today's (the loop embedding kept its name through the arms' era).
+OLD_NAMES: dict[str, str] = {}
 
 
 def renamed(name: str) -> str:
     return next((new + name[len(old):] for old, new in OLD_NAMES.items() if name.startswith(old)), name)
 
 
-@pytest.mark.parametrize("config", sorted(CONFIGS))
+# bottleneck_inst used the flow instructions (INST_DIM), deleted in issue 21: no gain shown anywhere.
+@pytest.mark.parametrize("config", sorted(c for c in CONFIGS if "INST_DIM" not in CONFIGS[c]))
 def test_every_arm_off_is_the_plain_crawler_bit_for_bit(config):
     """tests/data/plain_crawler_golden.pt holds weights, ids and logits of the model as it was before the
     arms existed (make_plain_golden.py): today's model, every arm off, computes the same logits."""
@@ -99,7 +88,7 @@ def arm_param_names(arm: str) -> set[str]:
     return set(dict(on.named_parameters())) - set(dict(plain.named_parameters()))
 
 
-@pytest.mark.parametrize("arm", sorted(a for a in ARMS if a not in ("loop_rope_scales", "loop_dt")))
+@pytest.mark.parametrize("arm", WITH_PARAMETERS)
 def test_arm_parameters_are_trained_and_quantized(arm):
     model = wake(make_model(**ARMS[arm]))
     hp = model.hp
@@ -129,92 +118,31 @@ def test_arm_parameters_are_trained_and_quantized(arm):
 
 def test_arm_parameter_counts():
     dim, hidden, loops = 48, 96, 2
-    assert arm_param_names("loop_smear") == {"loops.smear"}
-    assert arm_param_names("deliberation") == {"loops.consensus", "loops.delib_gate", "loops.delib_pull"}
     plain = tg.count_unique_params(make_model())
-    assert tg.count_unique_params(make_model(**ARMS["taps"])) - plain == 2 * dim * 8 + loops * 8 * dim
-    shared = make_model(**ARMS["taps_shared_bottleneck"])   # TAP_PER_LOOP=0, TAP_LAYERS=1: one read, one write
-    assert len(shared.loops.tap_down) == 1 and len(shared.loops.tap_up) == 1
-    assert [f.block for f in shared.schedules[2] if f.tap] == [1]
     # choke_flat drops the shared down projection and adds per-loop hidden->C->dim.
     assert tg.count_unique_params(make_model(**ARMS["choke_flat"])) - plain == loops * (hidden * 8 + 8 * dim) - hidden * dim
-    assert tg.count_unique_params(make_model(**ARMS["grouped"])) - plain == loops * (hidden * 8 // 2 + 8 * dim) - hidden * dim
-    linear = tg.count_unique_params(make_model(**ARMS["helix_linear"])) - plain
-    assert linear == 2 * (dim * 8 + 8 * dim + dim)
-    assert make_model(**ARMS["helix_linear"]).hp.effective_depth == 2 + 1 * (2 + 2)
 
 
-def test_helix_fires_after_every_stride_and_keeps_the_sequential_loops():
-    model = make_model(NUM_FLAT_LAYERS=4, HELIX=1, HELIX_STRIDE=2)
-    order = []
-    for name, block in [(f"flat{i}", b) for i, b in enumerate(model.flat)] + [("crawler", model.crawler[0])]:
-        block.register_forward_hook(lambda *a, name=name: order.append(name))
-    model.logits(ids())
-    assert order == ["flat0", "flat1", "crawler", "flat2", "flat3", "crawler", "crawler", "crawler"]
-
-
-def test_loop_rope_scales_divide_inv_freq():
-    rot = tg.Rotary(16, 0, 10000.0)
-    cos1, _ = rot(8, torch.device("cpu"))
-    cos4, _ = rot(8, torch.device("cpu"), 4.0)
-    pos = torch.arange(8.0)[:, None]
-    torch.testing.assert_close(cos4[0, :, 0], torch.cos(pos * rot.inv_freq / 4))
-    torch.testing.assert_close(cos1[0, :, 0], torch.cos(pos * rot.inv_freq))
-
-
-def one_firing(model: tg.CrawlerGPT, x: torch.Tensor) -> torch.Tensor:
-    """The crawler's loop 0 on x alone, as the forward runs it: enter, the crawler blocks, leave."""
-    rope = model.rotary(x.size(1), x.device)
-    carry = model.loops.start(x, rope, model.rotary)
-    firings = [f for f in model.schedules[1] if f.loop == 0]
-    anchor, h = model.loops.enter(x, firings[0], carry)
-    for f in firings:
-        h = model.blocks[f.block](h, x, carry.ropes[0], model.ln_scales[f.depth], model.xsa_at[f.depth], None, 0)
-    return model.loops.leave(h, anchor, firings[-1], carry)
-
-
-def test_contractive_loop_and_loop_smear_blend_the_firing_with_its_input():
-    """One loop, F = the plain crawler firing: LOOP_DT=dt gives (1-dt) x + dt F(x); LOOP_SMEAR with
-    gate g gives (1-g) F(x) + g x."""
-    x = torch.randn(2, 8, 48)
-    full = one_firing(make_model(CRAWLER_LOOPS=1), x)
-    torch.testing.assert_close(one_firing(make_model(CRAWLER_LOOPS=1, LOOP_DT=0.25), x), 0.75 * x + 0.25 * full)
-    smear = make_model(CRAWLER_LOOPS=1, LOOP_SMEAR=1)
-    smear.loops.smear.data.fill_(0.3)
-    torch.testing.assert_close(one_firing(smear, x), 0.7 * full + 0.3 * x)
-
-
-def test_deliberation_consensus_gets_gradients_from_both_firings():
-    model = wake(make_model(DELIBERATION=1))
-    consensus = model.loops.consensus
-    assert isinstance(consensus, nn.Parameter) and consensus.requires_grad
-    x = ids()
-    model(x, x).backward()
-    assert consensus.grad is not None and consensus.grad.abs().sum() > 0
-    # The consensus carries the first firing's output into the second: cutting it changes the gradient.
-    grads = {}
-    for pull in (0.3, 0.0):
-        model.zero_grad()
-        model.loops.delib_pull.data.fill_(pull)
-        model(x, x).backward()
-        grads[pull] = model.loops.delib_gate.grad.abs().sum()
-    assert grads[0.3] > 0 and grads[0.0] == 0
+def test_a_contractive_loop_steps_dt_of_the_way_from_its_input_to_the_firing():
+    """LOOP_DT=dt, one crawler block run once on the embedding: the stream is (1-dt) x + dt F(x + e_loop)."""
+    model = make_model(NUM_FLAT_LAYERS=0, NUM_CRAWLER_LAYERS=1, CRAWLER_LOOPS=1, LOOP_DT=0.25)
+    fired = []
+    model.crawler[0].register_forward_hook(lambda mod, args, out: fired.append(out))
+    x = ids(batch=2, seq=16)
+    with torch.no_grad():
+        hidden, x0 = model.hidden(x), model.embed(x)
+    torch.testing.assert_close(hidden, tg.rms_norm(0.75 * x0 + 0.25 * fired[0]))
 
 
 def test_arm_knob_errors_name_the_variable():
-    cases = [({"NUM_CRAWLER_LAYERS": 0, "LOOP_SMEAR": 1}, "LOOP_SMEAR"),
-             ({"HELIX": 1, "HELIX_STRIDE": 3}, "HELIX_STRIDE"),
-             ({"HELIX": 1, "TAP_DIM": 4}, "TAP_DIM"),
-             ({"TAP_DIM": 4, "TAP_LAYERS": "2"}, "TAP_LAYERS"),
-             ({"TAP_DIM": 4, "TAP_LAYERS": "0,x"}, "TAP_LAYERS"),
-             ({"CRAWLER_MLP": "grouped", "CHOKE_DIM": 9, "CHOKE_GROUPS": 2}, "CHOKE_GROUPS"),
-             ({"CRAWLER_LOOP_ROPE_SCALES": "1,2,4"}, "CRAWLER_LOOP_ROPE_SCALES"),
-             ({"CRAWLER_LOOP_ROPE_SCALES": "1,a"}, "CRAWLER_LOOP_ROPE_SCALES"),
-             ({"LOOP_DT": 0}, "LOOP_DT"),
-             ({"CRAWLER_MLP": "choke"}, "CRAWLER_MLP"),
-             ({"DELTA_NET_HEADS": 4}, "DELTA_NET_HEADS: removed")]   # a deleted arm's knob is an error
+    cases = [({"LOOP_DT": 0}, "LOOP_DT"), ({"LOOP_DT": 1.5}, "LOOP_DT"), ({"CRAWLER_MLP": "choke"}, "CRAWLER_MLP"), ({"CRAWLER_MLP": "pyramid"}, "CRAWLER_MLP"),
+             ({"CHOKE_GROUPS": 2}, "CHOKE_GROUPS: not a knob"),
+             ({"NUM_CRAWLER_LAYERS": 0, "CRAWLER_MLP": "choke_flat"}, "CRAWLER_MLP"),
+             ({"DELTA_NET_HEADS": 4}, "DELTA_NET_HEADS: not a knob of train_gpt.py; its arm was deleted")]
     for overrides, var in cases:
         with pytest.raises(tg.HyperparameterError, match=var):
             small_hp(**overrides)
-    with pytest.raises(tg.HyperparameterError, match="HELIX_MODE=cross_attn"):
-        tg.Hyperparameters.from_env({"HELIX_CROSS_ATTN": "1"})
+    for deleted in ("HELIX", "HELIX_DIM", "HELIX_MODE", "LOOP_SMEAR", "CRAWLER_LOOP_ROPE_SCALES", "TAP_DIM",
+                    "TAP_LAYERS", "DELIBERATION"):   # issue 21
+        with pytest.raises(tg.HyperparameterError, match=f"{deleted}: not a knob.*LOG.md"):
+            tg.Hyperparameters.from_env({deleted: "1"})

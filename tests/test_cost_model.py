@@ -1,8 +1,10 @@
 """DRY_RUN's two promises, without a pod: the production default fits the cap at a sane SDClip k, and the
-cost model matches the seeds' measured 8xH100 step times (FLOPs from torch's counter on the meta device)."""
+cost model (experiments/cost_model.py) matches the measured 8xH100 step times (FLOPs from torch's counter on
+the meta device)."""
 import pytest
 
 import train_gpt as tg
+from experiments import cost_model as cm
 
 # The upstream naive baseline in our knobs: 9 x 512, 8/4 heads, MLP 2x relu^2, full RoPE, no stack, seq 1024.
 BASELINE = {"NUM_FLAT_LAYERS": "9", "NUM_CRAWLER_LAYERS": "0", "MODEL_DIM": "512", "NUM_HEADS": "8", "NUM_KV_HEADS": "4",
@@ -14,7 +16,7 @@ ANCHORS = [({}, 78.0, 85.0),            # the seeds' 4 flat + 2 crawler x 2, dim
 
 @pytest.mark.parametrize("env, lo, hi", ANCHORS)
 def test_cost_model_matches_the_pod_anchors_within_15_percent(env, lo, hi):
-    ms = tg.pod_cost(tg.Hyperparameters.from_env(env))["pod_ms_per_step"]
+    ms = cm.pod_cost(tg.Hyperparameters.from_env(env))["pod_ms_per_step"]
     assert 0.85 * lo <= ms <= 1.15 * hi, ms
 
 
@@ -23,29 +25,36 @@ def test_flop_count_is_six_n_plus_causal_attention():
     hp = tg.Hyperparameters.from_env(BASELINE)
     per_block = 512 * 512 * 3 + 512 * 1024 * 2   # q, proj, k+v at half width; MLP up and down
     textbook = 6 * (9 * per_block + 1024 * 512) + 9 * 2 * 1024 * 512 * 3.5
-    assert tg.flops_per_token(hp, 1024) == pytest.approx(textbook, rel=0.03)
-    assert tg.flops_per_token(hp, 1024, train=False) == pytest.approx(textbook / 3.2, rel=0.1)
+    assert cm.flops_per_token(hp, 1024) == pytest.approx(textbook, rel=0.03)
+    assert cm.flops_per_token(hp, 1024, train=False) == pytest.approx(textbook / 3.2, rel=0.1)
 
 
-def test_production_default_fits_the_cap(tmp_path):
-    out = tg.main({"DRY_RUN": "1", "LOG_DIR": str(tmp_path), "RUN_ID": "dry"})
+def test_production_default_fits_the_cap(capsys):
+    out = cm.main([], {"DRY_RUN": "1"})
     assert out["fits"] and out["bytes_total_estimate"] <= 16_000_000
     assert tg.K_MIN <= out["quant_k"] <= 16
     assert out["bytes_code"] == len(tg.packed_code()) < out["bytes_code_source"]
     assert 0 < out["relative_mse"] < 0.02 and 60 < out["pod_ms_per_step"] < 120
-    log = (tmp_path / "dry.txt").read_text()
-    assert "quant_k:" in log and "pod_ms_per_step:" in log and "export_seconds_estimate:" in log
+    printed = capsys.readouterr().out
+    assert "dry_run:1" in printed and "quant_k:" in printed and "export_seconds_estimate:" in printed
+
+
+def test_dry_run_takes_knobs_and_rejects_typos(capsys):
+    out = cm.main(["--gpus", "4"], {"DRY_RUN": "1", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2"})
+    assert out["effective_depth"] == 8 and "pod:4xH100" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="MODEL_DIMM"):
+        cm.main([], {"MODEL_DIMM": "128"})
 
 
 def test_compute_budget_charges_a_cadence_or_loop_schedule_its_cheaper_steps():
-    """TRAIN_TFLOPS buys steps at the mean FLOPs a step: half the steps at one loop (cadence 2, or one loop
+    """A FLOP budget buys steps at the mean FLOPs a step: half the steps at one loop (cadence 2, or one loop
     for the first half) cost (F(2) + F(1)) / 2 a token, so the same budget buys more of them."""
     env = {"MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "NUM_FLAT_LAYERS": "2", "NUM_CRAWLER_LAYERS": "1",
-           "CRAWLER_LOOPS": "2", "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192", "TRAIN_TFLOPS": "6.1"}
+           "CRAWLER_LOOPS": "2", "TRAIN_SEQ_LEN": "256", "TRAIN_BATCH_TOKENS": "8192"}
     hp = tg.Hyperparameters.from_env(env)
-    one, two = (tg.flops_per_token(hp, 256, loops=n) for n in (1, 2))
-    assert one < two == tg.flops_per_token(hp, 256)
-    assert tg.budget_steps(hp) == int(6.1e12 / (two * 8192))
+    one, two = (cm.flops_per_token(hp, 256, loops=n) for n in (1, 2))
+    assert one < two == cm.flops_per_token(hp, 256)
+    assert cm.budget_steps(hp, 6.1) == int(6.1e12 / (two * 8192))
     half = int(6.1e12 / ((one + two) / 2 * 8192))
     for arm in ({"CRAWLER_CADENCE": "2"}, {"CRAWLER_LOOPS_SCHEDULE": "0:1,0.5:2"}):
-        assert tg.budget_steps(tg.Hyperparameters.from_env({**env, **arm})) == half > tg.budget_steps(hp), arm
+        assert cm.budget_steps(tg.Hyperparameters.from_env({**env, **arm}), 6.1) == half > cm.budget_steps(hp, 6.1), arm

@@ -314,6 +314,21 @@ def test_resume_ignores_a_deleted_knob_that_was_off(tmp_path, fake, capsys):
     assert calls(fake)[2:] == ["exp_control_s42", "exp_rtn_s42"]
 
 
+def test_a_flop_budget_sets_each_arms_iterations(tmp_path, fake):
+    """TRAIN_TFLOPS (the CPU proxy's budget) is the runner's: each arm's child gets the ITERATIONS the budget
+    buys at that arm's FLOPs (experiments/cost_model.budget_steps), never TRAIN_TFLOPS itself."""
+    from experiments.cost_model import budget_steps
+    exp = make_experiment(tmp_path, ["control\tc\t-", "deep\td\tCRAWLER_LOOPS=4"])
+    env = env_for(fake, TRAIN_TFLOPS="0.05", TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="4096", ACCUM_SPLITS="1")
+    assert sweep(exp, env)[0] == 0
+    child = {arm: json.loads((fake.parent / f"exp_{arm}_s1337.env.json").read_text()) for arm in ("control", "deep")}
+    hp = {arm: train_gpt.Hyperparameters.from_env({k: v for k, v in e.items() if k in train_gpt.knob_names()})
+          for arm, e in child.items()}
+    steps = {arm: budget_steps(hp[arm], 0.05) for arm in hp}
+    assert [int(child[a]["ITERATIONS"]) for a in ("control", "deep")] == [steps["control"], steps["deep"]]
+    assert steps["deep"] < steps["control"] and not any("TRAIN_TFLOPS" in e for e in child.values())
+
+
 def test_child_env_progress_and_proxy(tmp_path, fake, capsys):
     exp = make_experiment(tmp_path, ["control\tc\t-", "arm\ta\tQK_GAIN_INIT=3 ITERATIONS=7"])
     env = env_for(fake, PROXY="1", THRESHOLD="0.01", PROFILE="cpu", ABLATE_HELPER="x", ITERATIONS="20",
@@ -523,6 +538,8 @@ def test_git_keeps_the_sweeps_logs_but_not_their_work_folder():
 def test_there_are_experiments():
     assert {p.name for p in EXPERIMENT_DIRS} >= {"crawler_vs_flat", "cadence", "quant", "xsa_coverage", "quant_budget",
                                                   "crawler_arms", "cpu_profile"}
+    for deleted in ("helix_steps", "arms_9seeds"):   # their arms are gone; their results and LOG.md entries stay
+        assert not (EXPERIMENTS / deleted / "run.sh").exists() and (EXPERIMENTS / deleted / "results").is_dir()
 
 
 def test_profile_sets_only_knobs():

@@ -3,6 +3,7 @@ tests each, every one failing on 5820dc0's behaviour. One tiny trained model (mo
 
 Already covered elsewhere, not repeated: every byte flip of small artifacts (test_export_core), the typo
 fuzz, unrelated names and nan/inf knob values (test_hparams), the over-cap rename in-process (test_e2e)."""
+import errno
 import hashlib
 import io
 import json
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from experiments import records
 from data.prepare_local import SP_TRAINER_SPEC
 from data.shard_io import write_shard
 from test_data import _corrupt
@@ -27,7 +29,7 @@ from test_e2e import ROOT, TINY, tiny_env
 SCRIPT = ROOT / "train_gpt.py"
 VAL_TOKENS = 6000   # a short val shard keeps every evaluation here under a second
 FAST = {"ITERATIONS": "4", "TRAIN_BATCH_TOKENS": "1024", "EVAL_STRIDE": "128", "VAL_LOSS_EVERY": "0", "QUANT": "rtn",
-        "QUANT_COMPARE": "0", "SIZE_TARGET": "none", "COMPRESSOR": "brotli"}
+        "SIZE_TARGET": "none", "COMPRESS_LEVEL": "5"}
 
 
 def fast_env(small, tmp: Path, **overrides) -> dict:
@@ -62,7 +64,9 @@ def base(small, tmp_path_factory):
     """One tiny run, exported with brotli: its result, its env and its folder."""
     tmp = tmp_path_factory.mktemp("base")
     env = fast_env(small, tmp, RUN_ID="base", SUBMIT_BLURB="the first of two")
-    return SimpleNamespace(out=tg.main(env), env=env, tmp=tmp)
+    out = tg.main(env)
+    out["records"] = str(records.write_records(tmp / "logs" / "base.json"))
+    return SimpleNamespace(out=out, env=env, tmp=tmp)
 
 
 def cli(env: dict, cwd: Path | None = None, argv: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -131,7 +135,7 @@ def test_eval_only_checks_the_artifact_against_submission_json(base, small, tmp_
     entries, meta = tg.unpack_artifact(Path(base.out["artifact"]).read_bytes())
     folder = tmp_path / "submitted"
     folder.mkdir()
-    (folder / "final_model.ptz").write_bytes(tg.pack_artifact(entries, meta, "brotli", 5))
+    (folder / "final_model.ptz").write_bytes(tg.pack_artifact(entries, meta, 4))   # the run packed at 5
     shutil.copy(Path(base.out["records"]) / "submission.json", folder)
     with pytest.raises(tg.ArtifactError, match=rf"^{re.escape(str(folder / 'final_model.ptz'))}: .*submission\.json"):
         tg.main(fast_env(small, tmp_path, EVAL_ONLY=folder / "final_model.ptz", RUN_ID="swapped"))
@@ -172,7 +176,7 @@ def test_a_typo_or_a_reused_run_id_never_overwrites_a_run(base):
     before = (log.read_bytes(), artifact.read_bytes())
     with pytest.raises(tg.HyperparameterError, match="RESME.*did you mean RESUME"):
         tg.main({**base.env, "RESME": "1"})
-    with pytest.raises(tg.HyperparameterError, match=r"^RUN_ID: base already has .*base\.txt"):
+    with pytest.raises(tg.HyperparameterError, match=r"^RUN_ID: base already has .*base\.(txt|ptz)"):
         tg.main(base.env)
     assert (log.read_bytes(), artifact.read_bytes()) == before
     with pytest.raises(tg.DataError, match="^RESUME: no checkpoint"):
@@ -244,7 +248,7 @@ def test_unexpected_exceptions_keep_their_traceback(small, tmp_path):
 
 
 def test_over_the_cap_exits_3_and_keeps_the_artifact_aside(small, tmp_path):
-    proc = cli(fast_env(small, tmp_path, ITERATIONS=1, COMPRESSOR="zstd", COMPRESS_LEVEL=1,
+    proc = cli(fast_env(small, tmp_path, ITERATIONS=1, COMPRESS_LEVEL=1,
                         SIZE_LIMIT=100_000, RUN_ID="over"))
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["over.over_cap.ptz"]
     assert not list((tmp_path / "records").glob("*over*"))
@@ -357,16 +361,18 @@ def test_identical_weights_give_identical_artifact_bytes(base, small, tmp_path):
                     "tokenizer_sha256": hashlib.sha256(small.tokenizer.read_bytes()).hexdigest()}
 
 
-def test_pruning_shows_in_the_final_line_readme_and_submission(base, small, tmp_path):
-    entries, meta = tg.unpack_artifact(Path(base.out["artifact"]).read_bytes())
-    cap = base.out["bytes_code"] + len(tg.pack_artifact(entries, meta, "zstd", 3)) - 300   # the same weights, 300 B over
-    out = tg.main(fast_env(small, tmp_path, COMPRESSOR="zstd", COMPRESS_LEVEL=3, SIZE_TARGET="prune",
-                           SIZE_LIMIT=cap, RUN_ID="pruned"))
+def test_pruning_shows_in_the_final_line_readme_and_submission(base, small, tmp_path, monkeypatch):
+    """The fit's last resort: one pass at the base run's k, 300 bytes over the cap, pruned to fit."""
+    cap = base.out["bytes_total"] - 300                                 # the same weights, 300 B over
+    monkeypatch.setattr(tg, "FIT_PASSES", 1)
+    k = base.out["quant_k"]   # the estimated curve puts the target at the base run's k, 300 bytes over the cap
+    monkeypatch.setattr(tg, "rtn_curve", lambda model, hp, rel, meta, target: [(k, target), (2 * k, target / 2)])
+    out = tg.main(fast_env(small, tmp_path, SIZE_TARGET="fit", SIZE_LIMIT=cap, RUN_ID="pruned"))
     n = out["pruned"]
     assert n > 0 and out["bytes_total"] <= cap
     last = (tmp_path / "logs" / "pruned.txt").read_text().strip().splitlines()[-1]
     assert last.startswith("final val_bpb:") and f" pruned_values:{n}" in last, last
-    folder = Path(out["records"])
+    folder = records.write_records(tmp_path / "logs" / "pruned.json")
     assert json.loads((folder / "submission.json").read_text())["pruned_values"] == n
     assert re.search(rf"pruned[ _]values:? {n}\b", (folder / "README.md").read_text())
 
@@ -395,3 +401,143 @@ def test_records_are_ignored_by_git():
     proc = subprocess.run(["git", "check-ignore", "--no-index", "-q", "records/2026-01-01_run/final_model.ptz"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, "records/<date>_<RUN_ID>/ (with its artifact) would show up as untracked"
+
+
+# ---------------------------------------------------------------- issue 27: faults found on 2a24052
+
+
+def enospc_on(monkeypatch, marker: str, after: int = 0):
+    """Path.write_bytes raises ENOSPC (a full disk) for files whose name holds `marker`, after `after` writes."""
+    real, seen = Path.write_bytes, {"n": 0}
+
+    def write_bytes(self, data):
+        if marker in self.name:
+            seen["n"] += 1
+            if seen["n"] > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+def test_a_full_disk_at_the_export_is_one_error_naming_the_artifact_and_leaves_no_temporary(small, tmp_path,
+                                                                                             monkeypatch):
+    enospc_on(monkeypatch, "full.ptz")
+    with pytest.raises(tg.DataError) as err:
+        tg.main(fast_env(small, tmp_path, RUN_ID="full", CHECKPOINT_EVERY=2))
+    message = str(err.value)
+    assert message.startswith(str(tmp_path / "artifacts" / "full.ptz")) and "disk full" in message
+    assert "RESUME=1" in message and "\n" not in message
+    assert not [p for p in (tmp_path / "artifacts").iterdir() if ".tmp" in p.name]
+    assert (tmp_path / "artifacts" / "full.r0.ckpt").is_file()   # the run can be exported again from here
+
+
+def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(small, tmp_path, monkeypatch):
+    enospc_on(monkeypatch, ".ckpt", after=1)   # the first checkpoint (step 2) is written, the second fails
+    with pytest.raises(tg.DataError, match=r"full\.r0\.ckpt: cannot write \(disk full\) — .*checkpoint is intact"):
+        tg.main(fast_env(small, tmp_path, RUN_ID="full", CHECKPOINT_EVERY=2, ITERATIONS=6))
+    kept = torch.load(tmp_path / "artifacts" / "full.r0.ckpt", map_location="cpu", weights_only=True)
+    assert kept["step"] == 2 and not [p for p in (tmp_path / "artifacts").iterdir() if ".tmp" in p.name]
+
+
+def test_a_full_disk_under_the_log_is_one_error_naming_it(small, tmp_path, monkeypatch):
+    real = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        if self.name == "full.txt" and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, mode, *args, **kwargs)
+    monkeypatch.setattr(Path, "open", open_)
+    with pytest.raises(tg.DataError, match=r"full\.txt: cannot write \(disk full\)"):
+        tg.main(fast_env(small, tmp_path, RUN_ID="full"))
+
+
+def test_too_little_free_space_is_a_preflight_error_naming_the_folder(small, tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=200 * 1024))
+    with pytest.raises(tg.DataError) as err:
+        tg.main(fast_env(small, tmp_path, RUN_ID="roomless"))
+    assert re.match(r"ARTIFACT_DIR: \S+ has 204,800 bytes free; the run needs [\d,]+ on that disk", str(err.value))
+    assert not (tmp_path / "logs" / "roomless.txt").exists()
+
+
+def test_a_real_tmpfs_too_small_for_the_artifact_stops_the_cli_before_training(small, tmp_path):
+    mnt = tmp_path / "tiny_disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not allowed here (the injected-ENOSPC tests cover the writes)")
+    try:
+        proc = cli({**fast_env(small, tmp_path, RUN_ID="tmpfs"), "ARTIFACT_DIR": str(mnt), "LOG_DIR": str(mnt)})
+        assert "bytes free" in one_error(proc, 2, "ARTIFACT_DIR|LOG_DIR")
+        assert sorted(p.name for p in mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_broken_manifest_names_the_file_and_the_rebuild(small, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small.data, data)
+    (data / "manifest.json").write_text("{not json")
+    proc = cli(fast_env(small, tmp_path, DATA_PATH=data, RUN_ID="manifest"))
+    line = one_error(proc, 2, re.escape(str(data / "manifest.json")))
+    assert "prepare_local.py --force" in line and "JSONDecodeError" not in proc.stderr
+
+
+def test_a_reused_run_id_is_refused_whatever_the_log_dir(base, small, tmp_path):
+    """The artifact and the records folder of a finished run protect its RUN_ID too, not only its log."""
+    env = {**base.env, "LOG_DIR": str(tmp_path / "other_logs")}
+    with pytest.raises(tg.HyperparameterError, match=r"RUN_ID: base already has .*base\.ptz"):
+        tg.main(env)
+    (tmp_path / "recs" / "2026-01-01_lone").mkdir(parents=True)
+    with pytest.raises(tg.HyperparameterError, match=r"RUN_ID: lone already has .*2026-01-01_lone"):
+        tg.main(fast_env(small, tmp_path, RUN_ID="lone", RECORDS_DIR=tmp_path / "recs"))
+
+
+@pytest.mark.parametrize("name", ["DEVICE", "MAX_ITERS", "BLOCK_SIZE", "DROPOUT", "GRADIENT_ACCUMULATION_STEPS",
+                                  "EVAL_INTERVAL", "LR_DECAY_ITERS", "VOCAB", "HIDDEN_SIZE", "CONTEXT_LENGTH"])
+def test_other_scripts_knobs_are_errors_that_say_what_to_use(name):
+    with pytest.raises(tg.HyperparameterError, match=rf"^{name}: not a knob of train_gpt.py; \S"):
+        tg.Hyperparameters.from_env({name: "1"})
+    if name == "DEVICE":
+        with pytest.raises(tg.HyperparameterError, match="CUDA_VISIBLE_DEVICES= \\(empty\\) forces the CPU"):
+            tg.Hyperparameters.from_env({"DEVICE": "cuda"})
+
+
+def test_platform_variables_are_accepted():
+    for name in ("POD_NAME", "POD_IP", "POD_NAMESPACE", "POD_UID", "NUM_GPUS", "NUM_WORKERS", "NUM_NODES",
+                 "NODE_RANK", "JOB_ID"):
+        tg.Hyperparameters.from_env({name: "x"})
+
+
+def test_a_bad_token_id_in_a_later_train_shard_is_caught_before_training(small, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small.data, data)
+    tokens = np.full(4096, 7)
+    tokens[-1] = 1500   # VOCAB_SIZE is 1024
+    write_shard(data / "local_train_000001.bin", tokens)
+    proc = cli(fast_env(small, tmp_path, DATA_PATH=data, RUN_ID="late_shard"))
+    one_error(proc, 2, re.escape(str(data / "local_train_000001.bin")))
+    assert "preflight" not in proc.stdout and not (tmp_path / "logs" / "late_shard.txt").exists()
+
+
+def test_a_shard_that_goes_bad_mid_run_leaves_a_checkpoint_to_resume_from(small, tmp_path, monkeypatch):
+    """The preflight passed; then the second train shard changes on disk. When the stream reaches it (step
+    2), the run stops with one error, a checkpoint written first."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(small.data / "local_val_000000.bin", data)
+    train = tg.load_data_shard(small.data / "local_train_000000.bin").numpy()
+    write_shard(data / "local_train_000000.bin", train[:2000])
+    write_shard(data / "local_train_000001.bin", train[2000:6000])
+    real = tg.preflight
+
+    def then_corrupt(*args, **kwargs):
+        out = real(*args, **kwargs)
+        bad = train[2000:6000].astype(np.int64)
+        bad[0] = 4000
+        write_shard(data / "local_train_000001.bin", bad)
+        return out
+    monkeypatch.setattr(tg, "preflight", then_corrupt)
+    with pytest.raises(tg.DataError, match=r"local_train_000001\.bin: token id 4000 >= VOCAB_SIZE=1024"):
+        tg.main(fast_env(small, tmp_path, DATA_PATH=data, RUN_ID="midrun"))
+    saved = torch.load(tmp_path / "artifacts" / "midrun.r0.ckpt", map_location="cpu", weights_only=True)
+    assert saved["step"] == 1 and "checkpoint:" in (tmp_path / "logs" / "midrun.txt").read_text()

@@ -57,7 +57,7 @@ def test_crawler_weights_are_shared_not_copied():
     # Extra loops add only their loop embeddings, never block weights.
     assert tg.count_unique_params(three) - tg.count_unique_params(one) == 2 * dim
     block_params = sum(p.numel() for b in list(three.flat) + list(three.crawler) for p in b.parameters())
-    others = three.tok_emb.weight.numel() + three.skip_weights.numel() + three.loops.embed.numel()
+    others = three.tok_emb.weight.numel() + three.skip_weights.numel() + three.loop_embed.numel()
     assert tg.count_unique_params(three) == block_params + others
 
 
@@ -75,7 +75,7 @@ def untie_loops(model: tg.CrawlerGPT) -> tg.CrawlerGPT:
 
 def test_shared_gradient_is_the_sum_over_loops():
     loops = 3
-    tied = make_model(CRAWLER_LOOPS=loops, INST_DIM=4)
+    tied = make_model(CRAWLER_LOOPS=loops)
     untied = untie_loops(tied)
     x = ids()
     loss_tied, loss_untied = tied(x, x), untied(x, x)
@@ -93,38 +93,61 @@ def test_shared_gradient_is_the_sum_over_loops():
 
 def test_loop_embeddings_are_orthonormal():
     model = make_model(CRAWLER_LOOPS=5)
-    rows = model.loops.embed.detach() / model.hp.loop_embed_scale
+    rows = model.loop_embed.detach() / model.hp.loop_embed_scale
     torch.testing.assert_close(rows @ rows.T, torch.eye(5), atol=1e-5, rtol=0)
 
 
-def test_flow_instructions_start_as_identity():
-    plain = make_model(INST_DIM=0)
-    torch.manual_seed(0)
-    flow = tg.CrawlerGPT(small_hp(INST_DIM=8))
-    flow.load_state_dict(plain.state_dict(), strict=False)
-    assert all(not up.weight.abs().sum() for up in flow.loops.inst_up)
-    x = ids()
-    torch.testing.assert_close(flow.logits(x), plain.logits(x))
-    nn.init.normal_(flow.loops.inst_up[1].weight, std=0.1)   # once trained, the instructions matter
-    assert not torch.allclose(flow.logits(x), plain.logits(x))
-
-
 @pytest.mark.parametrize("overrides", [
-    {}, {"CRAWLER_POSITION": "bottleneck", "INST_DIM": 4}, {"NUM_CRAWLER_LAYERS": 0}, {"ROPE_DIMS": 0, "LN_SCALE": 0}])
+    {}, {"CRAWLER_POSITION": "bottleneck", "CRAWLER_MLP": "choke_flat", "CHOKE_DIM": 4}, {"NUM_CRAWLER_LAYERS": 0}, {"ROPE_DIMS": 0, "LN_SCALE": 0}])
 def test_causality(overrides):
     assert_causal(make_model(**overrides), seq=16, cuts=(0, 5, 14))
 
 
 def assert_causal(model, seq, cuts):
-    """Changing the tokens after t leaves the loss at <= t alone, and moves it after t."""
+    """Changing the tokens after t leaves the loss at <= t exactly as it was (on CPU, masked positions add
+    exact zeros, so any dependence at all shows), and moves it after t."""
     x = ids(batch=1, seq=seq)
     base = model(x, x, per_token=True)
     for t in cuts:
         changed = x.clone()
         changed[0, t + 1:] = (changed[0, t + 1:] + 7) % VOCAB
         after = model(changed, x, per_token=True)
-        torch.testing.assert_close(after[0, :t + 1], base[0, :t + 1], rtol=0, atol=1e-6)
+        assert torch.equal(after[0, :t + 1], base[0, :t + 1]), (after[0, :t + 1] - base[0, :t + 1]).abs().max()
         assert not torch.allclose(after[0, t + 1:], base[0, t + 1:])
+
+
+class Leaky(nn.Module):
+    """A planted leak: the loss at position i also depends on token i+1."""
+
+    def __init__(self, model, how):
+        super().__init__()
+        self.model, self.how = model, how
+
+    def forward(self, x, y, per_token=False):
+        if self.how == "embedding":   # 1e-4 x the next token's embedding added to the stream
+            real = self.model.embed
+            self.model.embed = lambda ids: real(ids) + 1e-4 * real(torch.roll(ids, -1, dims=1))
+            try:
+                return self.model(x, y, per_token)
+            finally:
+                self.model.embed = real
+        loss = self.model(x, y, per_token)   # "ulp": one float32 ulp up where the next token is odd
+        return torch.where(torch.roll(x, -1, dims=1) % 2 == 1, torch.nextafter(loss, loss + 1), loss)
+
+
+@pytest.mark.parametrize("how", ["embedding", "ulp"])
+def test_causality_probe_catches_the_smallest_planted_leaks(how):
+    """The probe's own tolerance: a leak of 1e-4 x the next token's embedding, or one float32 ulp chosen by
+    the next token, must be caught. The ulp leak moves the earlier losses by < 1e-6: the old probe's
+    atol=1e-6 let it through; exact equality does not."""
+    leaky = Leaky(make_model(), how)
+    with pytest.raises(AssertionError):
+        assert_causal(leaky, seq=32, cuts=(3, 17))
+    x = ids(batch=1, seq=32)
+    changed = x.clone()
+    changed[0, 4:] = (changed[0, 4:] + 7) % VOCAB
+    moved = (leaky(changed, x, per_token=True) - leaky(x, x, per_token=True))[0, :4].abs().max().item()
+    assert 0 < moved < (1e-5 if how == "embedding" else 1e-6), moved
 
 
 def test_newton_schulz_pushes_singular_values_near_one():
@@ -150,14 +173,14 @@ def test_muon_step_maths():
 
 
 def test_every_parameter_routed_once():
-    model = make_model(INST_DIM=4, NUM_FLAT_LAYERS=3)
+    model = make_model(CRAWLER_MLP="choke_flat", CHOKE_DIM=4, NUM_FLAT_LAYERS=3)
     groups = tg.route_params(model)
     names = [n for g in groups.values() for n, _ in g]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     assert all(p.ndim == 2 for _, p in groups["muon"])
     assert [n for n, _ in groups["embed"]] == ["tok_emb.weight"]
     assert any(n.startswith("crawler.") for n, _ in groups["muon"])
-    assert "loops.embed" in [n for n, _ in groups["scalar"]]
+    assert "loop_embed" in [n for n, _ in groups["scalar"]]
     opts = tg.build_optimizers(model, model.hp, tg.DistInfo())
     assert sum(len(g["params"]) for o in opts for g in o.param_groups) == len(list(model.parameters()))
 

@@ -68,7 +68,7 @@ def qat_state(model: tg.CrawlerGPT) -> bool:
 
 def build_trainer(corpus, tmp_path, dinfo: tg.DistInfo = tg.DistInfo(), **overrides) -> tg.Trainer:
     hp = tg.Hyperparameters.from_env(tiny_env(corpus, tmp_path, **overrides))
-    return tg.build_training(hp, tg.preflight(hp, dinfo, CPU), dinfo, CPU, tg.Logger(None), "pod")
+    return tg.build_training(hp, tg.preflight(hp, tg.DistInfo(), CPU), dinfo, CPU, tg.Logger(None), "pod")
 
 
 class RecordingDDP(nn.Module):
@@ -185,10 +185,10 @@ def test_inductor_fake_quant_is_eager_bit_for_bit_and_on_the_export_grid():
     x = I makes the forward return the fake-quantized weight itself (transposed)."""
     torch.manual_seed(0)
     linear = tg.CastedLinear(64, 48)
-    linear.qat_bits, linear.qat_clip = 6, ("sdclip", 12.85)
+    linear.qat_bits, linear.qat_k = 6, 12.85
     linear.qat_on.fill_(1.0)
     w = linear.weight.detach()
-    export_grid = tg.dequantize_rows(*tg.quantize_rows(w, 6, tg.row_clip(w, "sdclip", 12.85)))
+    export_grid = tg.dequantize_rows(*tg.quantize_rows(w, 6, tg.row_clip(w, 12.85)))
     weight = torch.randn(64, 48, generator=torch.Generator().manual_seed(1))
     results = []
     for step in (compiled(linear, "inductor", small_hp()), linear):
@@ -202,17 +202,16 @@ def test_inductor_fake_quant_is_eager_bit_for_bit_and_on_the_export_grid():
 
 # ---------------------------------------------------------------------------- a COMPILE=1 training run
 
-RUN = dict(ITERATIONS=6, WARMDOWN_ITERS=6, LATE_QAT_THRESHOLD=0.5, WARMUP_STEPS=2, CRAWLER_CADENCE=2, INST_DIM=4,
+RUN = dict(ITERATIONS=6, WARMDOWN_ITERS=6, LATE_QAT_THRESHOLD=0.5, WARMUP_STEPS=2, CRAWLER_CADENCE=2, CRAWLER_MLP="choke_flat",
            VAL_LOSS_EVERY=0, EVAL_STRIDE=128, QUANT="rtn", COMPILE=1)
 
 
 @pytest.fixture(scope="module")
 def compiled_run(local_corpus, tmp_path_factory):
     """COMPILE=1 (eager backend: Dynamo's graphs without a compiler), cadence 2 (both loop counts), late QAT on at
-    step 4, replay and distillation after the loop. Returns each train_step's (phase, loops, QAT on, graphs it
-    compiled) and the log."""
+    step 4. Returns each train_step's (phase, loops, QAT on, graphs it compiled) and the log."""
     tmp, steps, phase = tmp_path_factory.mktemp("compiled"), [], ["main"]
-    real_prime, real_post, real_step = tg.Trainer.prime_compile, tg.Trainer.post_loop, tg.Trainer.train_step
+    real_prime, real_step = tg.Trainer.prime_compile, tg.Trainer.train_step
 
     def in_phase(name, real):
         def wrapped(self):
@@ -221,19 +220,17 @@ def compiled_run(local_corpus, tmp_path_factory):
             phase[0] = "main"
         return wrapped
 
-    def counted_step(self, batches, lr_mult, momentum, loops=None, teacher=None):
-        before, name = graphs(), "distill" if teacher is not None and phase[0] == "replay" else phase[0]
-        loss = real_step(self, batches, lr_mult, momentum, loops, teacher)
-        steps.append((name, loops, qat_state(self.model), graphs() - before))
+    def counted_step(self, batches, lr_mult, momentum, loops=None):
+        before = graphs()
+        loss = real_step(self, batches, lr_mult, momentum, loops)
+        steps.append((phase[0], loops, qat_state(self.model), graphs() - before))
         return loss
 
     torch._dynamo.reset()
     with knobs_at_torch_defaults(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(tg.Trainer, "prime_compile", in_phase("warmup", real_prime))
-        mp.setattr(tg.Trainer, "post_loop", in_phase("replay", real_post))
         mp.setattr(tg.Trainer, "train_step", counted_step)
-        tg.main(tiny_env(local_corpus, tmp, **RUN, COMPILE_BACKEND="eager", REPLAY_BATCHES=1, REPLAY_EPOCHS=1,
-                         DISTILL_STEPS=1, RUN_ID="one"))
+        tg.main(tiny_env(local_corpus, tmp, **RUN, COMPILE_BACKEND="eager", RUN_ID="one"))
     torch._dynamo.reset()
     return steps, tmp / "logs" / "one.txt"
 
@@ -245,20 +242,11 @@ def in_phase_steps(steps, name):
 def test_compiled_run_compiles_nothing_after_warmup(compiled_run):
     steps, log = compiled_run
     warmup, main = in_phase_steps(steps, "warmup"), in_phase_steps(steps, "main")
-    assert {loops for loops, _, _ in warmup} == {2, 1, None} and any(qat for _, qat, _ in warmup)   # None: the student
+    assert {loops for loops, _, _ in warmup} == {2, 1} and any(qat for _, qat, _ in warmup)
     assert sum(new for *_, new in warmup) >= 2, "the counter must see the warm-up compile each loop count"
     assert [(loops, qat) for loops, qat, _ in main] == [(2, False), (1, False)] * 2 + [(2, True), (1, True)]
     assert [new for *_, new in main] == [0] * 6, "a graph was compiled on the training clock"
     assert "late_qat:on step:4" in log.read_text()
-    assert len(in_phase_steps(steps, "replay")) == len(in_phase_steps(steps, "distill")) == 1
-
-
-def test_replay_compiles_nothing(compiled_run):
-    assert [new for *_, new in in_phase_steps(compiled_run[0], "replay")] == [0]
-
-
-def test_distillation_compiles_nothing(compiled_run):
-    assert [new for *_, new in in_phase_steps(compiled_run[0], "distill")] == [0]
 
 
 def test_torchrun_two_processes_compiled_match_one(compiled_run, local_corpus, tmp_path):
@@ -270,7 +258,7 @@ def test_torchrun_two_processes_compiled_match_one(compiled_run, local_corpus, t
                           str(ROOT / "train_gpt.py")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     log = tmp_path / "logs" / "two.txt"
-    assert "world_size:2" in log.read_text() and "compile:1" in log.read_text()
+    assert "world:2" in log.read_text() and "compile:1" in log.read_text()
     one_losses, two_losses = train_losses(compiled_run[1]), train_losses(log)
     assert len(two_losses) == 6 and two_losses == pytest.approx(one_losses, abs=2e-4)
 
@@ -425,15 +413,16 @@ def test_muon_allocates_its_buffers_once(monkeypatch):
 
 
 @pytest.mark.parametrize("cadence, arm, find_unused", [
-    (1, {"INST_DIM": 4}, False), (2, {}, False), (2, {"INST_DIM": 4}, True),
-    (1, {"INST_DIM": 4, "CRAWLER_LOOPS_SCHEDULE": "0:1,0.5:2"}, True)])
+    (1, {"CRAWLER_MLP": "choke_flat"}, False), (2, {}, False), (2, {"CRAWLER_MLP": "choke_flat"}, True),
+    (1, {"CRAWLER_MLP": "choke_flat", "CRAWLER_LOOPS_SCHEDULE": "0:1,0.5:2"}, True)])
 def test_ddp_expects_unused_parameters_only_when_a_step_leaves_some(local_corpus, tmp_path, monkeypatch, cadence,
                                                                     arm, find_unused):
     monkeypatch.setattr(nn.parallel, "DistributedDataParallel", RecordingDDP)
     trainer = build_trainer(local_corpus, tmp_path, tg.DistInfo(0, 2, 0), CRAWLER_CADENCE=cadence, **arm)
     assert trainer.step_model.options["find_unused_parameters"] is find_unused
     assert trainer.step_model.options["broadcast_buffers"] is False
-    assert tg.unused_at_one_loop(trainer.model) == (["loops.inst_up.1.weight"] if "INST_DIM" in arm else [])
+    assert tg.unused_at_one_loop(trainer.model) == (["crawler.0.mlp.loop_down.1.weight", "crawler.0.mlp.loop_up.1.weight"]
+                                                    if "CRAWLER_MLP" in arm else [])
 
 
 @pytest.mark.parametrize("rank", [0, 1])

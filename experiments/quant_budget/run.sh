@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # quant_budget: landing under a cap that binds by choosing the grid, not by pruning. On the CPU proxy,
-# with SIZE_LIMIT set so the model must shrink to ~60% of its absmax size, against today's absmax +
-# pruning: a fixed SDClip k, the fit-to-cap search, and the fit with per-group Hessian allocation; and
-# at the unconstrained cap, the fit (the finest grid the search allows) against absmax.
+# with SIZE_LIMIT set so the model must shrink to ~60% of its absmax size. The 2026-11-23 sweep compared the
+# absmax grid + pruning and a fixed SDClip k against the fit (both failed the cap; both were deleted in
+# issue 21); what stays open is the fit with per-group Hessian allocation against the uniform fit.
 # Training is a fixed step count (no wallclock cap), so every arm of a seed trains the same weights and
 # the paired differences are export effects only.
 #   PROFILE=cpu SEEDS=1337,42,7 bash experiments/quant_budget/run.sh

@@ -1,0 +1,171 @@
+"""The pod's bill for a config, without a pod or data: `DRY_RUN=1 bash run.sh` runs this (any knob of
+train_gpt.py may be set alongside it: `DRY_RUN=1 MODEL_DIM=512 bash run.sh`).
+
+    python experiments/cost_model.py [--gpus 8]
+
+It prints unique parameters, effective depth, the SDClip k the cap implies and the artifact bytes it predicts
+(SDClip's fit on Gaussian rows, the packed script counted), the relative quantization MSE, training FLOPs per
+token (torch's flop counter on the meta device, causal attention added by hand), projected ms/step and steps
+in the budget on N H100s, activation memory per GPU, and the sliding-eval and export seconds.
+
+A step costs FLOPs / (GPUs * peak * POD_MFU) + POD_STEP_OVERHEAD_S (optimizer, collectives, launches): the two
+constants are the exact fit to two measured 8xH100 anchors (tests/test_cost_model.py checks both): the seeds'
+4 flat + 2 crawler x 2 at dim 640, 786,432 tokens a step, 78-85 ms; the upstream baseline (9 x 512, MLP 2x,
+seq 1024) at 524,288 tokens, 43.5 ms. experiments/ablate.py uses `budget_steps` to turn a FLOP budget
+(TRAIN_TFLOPS) into ITERATIONS.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+H100_BF16_FLOPS, POD_MFU, POD_STEP_OVERHEAD_S = 989e12, 0.536, 0.02678
+FINEWEB_VAL_TOKENS = 62_000_000   # the first 50,000 validation documents
+TOOL_VARS = ("DRY_RUN", "POD_GPUS")   # this tool's own variables, never train_gpt.py's knobs
+
+
+def meta_model(hp: tg.Hyperparameters) -> tg.CrawlerGPT:
+    """The model on the meta device, attention replaced by a stand-in: the flop counter sees the linear maps,
+    and the T^2 attention matmuls are added by hand (causal: half the scores)."""
+    with torch.device("meta"):
+        return tg.CrawlerGPT(hp)
+
+
+def counted_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
+    return q + 0 * (k.mean() + v.mean())   # k and v stay in the graph
+
+
+def flops_per_token(hp: tg.Hyperparameters, seq_len: int, train: bool = True, loops: int | None = None) -> float:
+    """Training (forward + backward) or forward FLOPs per token; FlashAttention's backward at 2.5x its forward."""
+    model, real = meta_model(hp), tg.causal_attention
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    counter = FlopCounterMode(display=False)
+    tg.causal_attention = counted_attention
+    try:
+        with counter:
+            loss = model(ids, ids, loops=loops)
+            if train:
+                loss.backward()
+    finally:
+        tg.causal_attention = real
+    depth = hp.effective_depth - hp.num_crawler_layers * (hp.crawler_loops - (loops or hp.crawler_loops))
+    return counter.get_total_flops() / seq_len + depth * 2 * seq_len * hp.model_dim * (3.5 if train else 1.0)
+
+
+def budget_steps(hp: tg.Hyperparameters, tflops: float) -> int:
+    """The steps `tflops` buy at this config's mean FLOPs a step (a cadence's or a loop schedule's cheaper
+    steps buy more): a stopping rule that charges each arm its own FLOPs without a clock's noise."""
+    schedule = hp.loops_schedule()
+    flops = {n: flops_per_token(hp, hp.train_seq_len, loops=n) for n in {1, *(n for _, n in schedule)}}
+    ends = [f for f, _ in schedule[1:]] + [1.0]
+    per_token = sum((end - start) * (flops[n] + (hp.crawler_cadence - 1) * flops[1]) / hp.crawler_cadence
+                    for (start, n), end in zip(schedule, ends))
+    return max(1, int(tflops * 1e12 / (per_token * hp.train_batch_tokens)))
+
+
+def activation_bytes_per_token(hp: tg.Hyperparameters) -> float:
+    """Bytes the backward keeps per training token (weights and attention scores excluded: FlashAttention
+    keeps none), counted on the meta device in fp32; bf16 autocast stores most of them at half."""
+    model, real = meta_model(hp), tg.causal_attention
+    params, saved = {id(p) for p in model.parameters()}, [0]
+
+    def keep(t: Tensor) -> Tensor:
+        saved[0] += 0 if id(t) in params else t.numel() * t.element_size()
+        return t
+    ids = torch.zeros(1, hp.train_seq_len, dtype=torch.long, device="meta")
+    tg.causal_attention = counted_attention
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(ids, ids)
+    finally:
+        tg.causal_attention = real
+    return saved[0] / hp.train_seq_len
+
+
+def pod_cost(hp: tg.Hyperparameters, gpus: int = 8) -> dict:
+    """ms/step, steps in the budget, activation memory per GPU, sliding-eval seconds."""
+    train_flops = flops_per_token(hp, hp.train_seq_len)
+    step_s = train_flops * hp.train_batch_tokens / (gpus * H100_BF16_FLOPS * POD_MFU) + POD_STEP_OVERHEAD_S
+    windows = FINEWEB_VAL_TOKENS / hp.eval_stride
+    eval_flops = flops_per_token(hp, hp.eval_seq_len, train=False) * hp.eval_seq_len * windows
+    return {"flops_per_token": train_flops, "pod_ms_per_step": 1000 * step_s,
+            "pod_steps": int(hp.train_time_cap / step_s) if hp.train_time_cap else hp.iterations,
+            "activation_gib_per_gpu": activation_bytes_per_token(hp) / 2 * hp.train_batch_tokens
+            / hp.accum_splits / 2**30, "pod_eval_seconds": eval_flops / (gpus * H100_BF16_FLOPS * POD_MFU)}
+
+
+def raw_model_bytes(model: tg.CrawlerGPT, hp: tg.Hyperparameters) -> int:
+    """The artifact's payload before compression (one byte per quantized value plus fp16 row scales)."""
+    plan, total = tg.storage_plan(model, hp), 0
+    for name, p in model.named_parameters():
+        kind = plan.kinds[name]
+        total += p.numel() + 2 * p.size(0) if kind in tg.QUANT_KINDS else p.numel() * tg.FLOAT_KINDS[kind].itemsize
+    return total
+
+
+def dry_run(hp: tg.Hyperparameters, gpus: int = 8, log=print) -> dict:
+    """The artifact the cap implies and the pod's bill. Bytes: SDClip's fit on Gaussian rows (an SDClip grid's
+    bytes depend on the shape of a row's distribution, not its scale; trained rows are a little heavier-tailed,
+    which compresses a little better at the same k)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(hp.seed)
+    model = tg.CrawlerGPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                nn.init.normal_(p, std=p.size(1) ** -0.5)
+    plan, meta, budget = tg.storage_plan(model, hp), tg.artifact_meta(hp), hp.size_limit - len(tg.packed_code())
+    rel, target = tg.relative_ks(model, hp, {}), budget - hp.size_margin / 2
+    t_curve = time.perf_counter()
+    curve = tg.rtn_curve(model, hp, rel, meta, target)
+    curve_s = time.perf_counter() - t_curve
+    k = tg.clamp_k(tg.along_log_k(curve, target, "k")) if hp.size_target == "fit" else hp.quant_k
+    probe = copy.deepcopy(model)
+    entries, _ = tg.quantize_model_(probe, hp, "rtn", [], tg.DistInfo(), tg.ks_at(rel, k))
+    quantized = [n for n, kind in plan.kinds.items() if kind in tg.QUANT_KINDS]
+    before, after = dict(model.named_parameters()), dict(probe.named_parameters())
+    mse = sum((before[n] - after[n]).square().sum().item() for n in quantized) / \
+        sum(before[n].square().sum().item() for n in quantized)
+    sample = next(e["q"] for n, e in entries.items() if n in quantized).reshape(-1)[:2**20].numpy().tobytes()
+    t_pack = time.perf_counter()
+    tg.compress_bytes(sample, hp.compress_level)
+    pack_s = (time.perf_counter() - t_pack) * raw_model_bytes(model, hp) / len(sample)
+    model_bytes = round(tg.along_log_k(curve, k, "bytes"))
+    code = len(tg.packed_code())
+    out = {"unique_params": tg.count_unique_params(model), "effective_depth": hp.effective_depth, "quant_k": k,
+           "relative_mse": mse, "bytes_model_estimate": model_bytes, "bytes_code": code,
+           "bytes_code_source": len(tg.source_bytes()), "bytes_total_estimate": model_bytes + code,
+           **pod_cost(hp, gpus), "export_seconds_estimate": curve_s + 2 * pack_s}
+    out["fits"] = out["bytes_total_estimate"] <= hp.size_limit
+    log(" ".join(f"{k}:{v:.4g}" if isinstance(v, float) else f"{k}:{v}" for k, v in {
+        "dry_run": 1, **out, "cap": hp.size_limit, "headroom": hp.size_limit - out["bytes_total_estimate"],
+        "estimate": "gaussian_rows_sdclip_fit", "pod": f"{gpus}xH100_mfu{POD_MFU}_overhead"
+        f"{1000 * POD_STEP_OVERHEAD_S:.1f}ms", "seconds": f"{time.perf_counter() - t0:.1f}"}.items()))
+    return out
+
+
+def main(argv: list[str] | None = None, environ: dict | None = None) -> dict:
+    env = dict(os.environ if environ is None else environ)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus", type=int, default=int(env.get("POD_GPUS", 8)), help="H100s to project for (POD_GPUS)")
+    args = p.parse_args(argv)
+    try:
+        hp = tg.Hyperparameters.from_env({k: v for k, v in env.items() if k not in TOOL_VARS})
+    except tg.GolfError as err:
+        raise SystemExit(f"error: {err}") from None
+    return dry_run(hp, args.gpus)
+
+
+if __name__ == "__main__":
+    main()
