@@ -96,6 +96,8 @@ class Hyperparameters:
     max_wallclock_seconds: float = knob(600.0, 0)  #: training time cap in seconds (0 = none)
     train_batch_tokens: int = knob(786432, 1, BIG)  #: tokens per optimizer step, all ranks together
     train_seq_len: int = knob(2048, 2, 2**20)  #: training sequence length
+    #: stream: the train shards in order, as upstream; shuffled: each epoch's windows in a random order
+    train_sampling: str = knob("stream", choices=("stream", "shuffled"))
     accum_splits: int = knob(8, 1, 65536)  #: micro-batches a step over all ranks (1 or 8 GPUs: same maths)
     warmup_steps: int = knob(20, 0, 10000)  #: compile-priming steps, undone before training (with COMPILE on)
     warmdown_iters: int = knob(3500, 0, BIG)  #: linear LR decay over the last N steps (wallclock-estimated)
@@ -574,17 +576,54 @@ class TokenStream:
             n -= chunk.numel()
         return torch.cat(parts)
 
+class ShuffledWindows:
+    """TRAIN_SAMPLING=shuffled, as the records' loader: each epoch visits every (seq_len+1)-token window of
+    every shard once, at a phase and in an order drawn from (SEED, epoch); its position is two ints too."""
+
+    def __init__(self, files: list[Path], seq_len: int, seed: int):
+        self.maps, self.seq_len, self.seed = [shard_tokens(f) for f in files], seq_len, seed
+        self.seek(0, 0)
+
+    def seek(self, epoch: int, pos: int) -> None:
+        rng = np.random.default_rng((self.seed, epoch))
+        self.phase = int(rng.integers(self.seq_len))
+        self.counts = np.array([max((len(m) - 1 - self.phase) // self.seq_len, 0) for m in self.maps])
+        self.ends, self.order = np.cumsum(self.counts), rng.permutation(int(self.counts.sum()))
+        require(len(self.order) > 0, "TRAIN_SEQ_LEN", f"no shard holds {self.seq_len + 1} tokens", DataError)
+        self.file_idx, self.pos = epoch, pos
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        """The next n windows, as (shard, start)."""
+        out = []
+        while len(out) < n:
+            if self.pos >= len(self.order):
+                self.seek(self.file_idx + 1, 0)
+            g = self.order[self.pos:self.pos + n - len(out)]
+            self.pos += len(g)
+            i = np.searchsorted(self.ends, g, "right")
+            out += zip(i.tolist(), (self.phase + (g - self.ends[i] + self.counts[i]) * self.seq_len).tolist())
+        return out
+
 class DistributedTokenLoader:
     """One micro-batch for every rank from the shared stream: a step's tokens depend on ACCUM_SPLITS alone."""
 
-    def __init__(self, files: list[Path], dinfo: DistInfo, device: torch.device, vocab_size: int = None):
-        self.stream, self.dinfo, self.device = TokenStream(files, vocab_size), dinfo, device
+    def __init__(self, files: list[Path], dinfo: DistInfo, device: torch.device, hp: Hyperparameters):
+        self.dinfo, self.device, self.shuffled = dinfo, device, hp.train_sampling == "shuffled"
+        self.stream = (ShuffledWindows(files, hp.train_seq_len, hp.seed) if self.shuffled
+                       else TokenStream(files, hp.vocab_size))
 
     def next_batch(self, micro_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        span = micro_tokens + 1
-        chunk = self.stream.take(span * self.dinfo.world_size)
-        local = chunk[self.dinfo.rank * span:(self.dinfo.rank + 1) * span].to(torch.int64)
-        x, y = local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+        span, rank = micro_tokens + 1, self.dinfo.rank
+        if self.shuffled:
+            rows = micro_tokens // seq_len
+            mine = self.stream.take(rows * self.dinfo.world_size)[rank * rows:(rank + 1) * rows]
+            local = torch.stack([torch.from_numpy(self.stream.maps[i][s:s + seq_len + 1].astype(np.int64))
+                                 for i, s in mine])
+            x, y = local[:, :-1], local[:, 1:]
+        else:
+            chunk = self.stream.take(span * self.dinfo.world_size)
+            local = chunk[rank * span:(rank + 1) * span].to(torch.int64)
+            x, y = local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 @dataclass
@@ -1347,7 +1386,7 @@ def build_training(hp: Hyperparameters, data: RunData, dinfo: DistInfo, device: 
             step_model, device_ids=[dinfo.local_rank] if device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=bool(fewer and unused_at_one_loop(model)))
     log.kv(compile=int(hp.use_compile(device)), accum_steps=hp.accum_splits // dinfo.world_size)
-    loader = DistributedTokenLoader(data.train_files, dinfo, device, hp.vocab_size)
+    loader = DistributedTokenLoader(data.train_files, dinfo, device, hp)
     optimizers = build_optimizers(model, hp, dinfo, compiled=hp.use_compile(device))
     checkpoint = Path(hp.artifact_dir) / f"{run_id}.r{dinfo.rank}.ckpt"   # one a rank
     return Trainer(hp, dinfo, device, model, step_model, optimizers, loader, log, checkpoint)

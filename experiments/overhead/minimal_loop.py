@@ -18,7 +18,7 @@ def main() -> None:
     model = tg.CrawlerGPT(hp)
     optimizers = tg.build_optimizers(model, hp, tg.DistInfo())
     loader = tg.DistributedTokenLoader(tg.shard_files(hp.data_path, hp.train_files, "TRAIN_FILES"), tg.DistInfo(),
-                                       torch.device("cpu"))
+                                       torch.device("cpu"), hp)
     micro = hp.train_batch_tokens // hp.accum_splits
     start = time.perf_counter()   # every step counted, the first ones too, as train_gpt.py's clock does
     for _ in range(hp.iterations):
