@@ -96,8 +96,6 @@ class Hyperparameters:
     max_wallclock_seconds: float = knob(600.0, 0)  #: training time cap in seconds (0 = none)
     train_batch_tokens: int = knob(786432, 1, BIG)  #: tokens per optimizer step, all ranks together
     train_seq_len: int = knob(2048, 2, 2**20)  #: training sequence length
-    #: stream: the train shards in order, as upstream; shuffled: each epoch's windows in a random order
-    train_sampling: str = knob("stream", choices=("stream", "shuffled"))
     accum_splits: int = knob(8, 1, 65536)  #: micro-batches a step over all ranks (1 or 8 GPUs: same maths)
     warmup_steps: int = knob(20, 0, 10000)  #: compile-priming steps, undone before training (with COMPILE on)
     warmdown_iters: int = knob(3500, 0, BIG)  #: linear LR decay over the last N steps (wallclock-estimated)
@@ -309,6 +307,7 @@ _REMOVED = {"crawler_arms 2026-11-24": "DELTA_NET_HEADS=0",
             "issue 21, no gain shown": "REPLAY_BATCHES=0 REPLAY_EPOCHS=2 REPLAY_LR_SCALE=0.1 DISTILL_STEPS=0 "
                                        "DISTILL_TEMPERATURE=2.0 DISTILL_ALPHA=0.7 DISTILL_LR_SCALE=0.05 "
                                        "INST_DIM=0 QAT_CRAWLER_ONLY=0 CRAWLER_QUANT_INT8=0 CHOKE_GROUPS=4",
+            "issue 28, train_sampling: windows in a random order won": "TRAIN_SAMPLING=shuffled",
             "issue 21, arms_9seeds": "TAP_DIM=0 TAP_LAYERS=all TAP_PER_LOOP=1 DELIBERATION=0",
             "issue 21, the records replaced it by the EMA": "SWA_EVERY=0 SWA_START_SCALE=0.2",
             "quant_budget and quant, 2026-11-23": "QUANT_CLIP=sdclip COMPRESSOR=brotli"}
@@ -511,7 +510,8 @@ def packed_code() -> bytes:
 
 # ======================================================================================================
 # Data. A shard is 256 little-endian int32 (magic, version, token count) then uint16 tokens; documents start
-# with BOS. Training streams the train shards in order on every rank alike; the val split is scored whole.
+# with BOS. Training samples windows of the train shards in a seeded random order, a new one each epoch (as
+# the records' loader; experiments/LOG.md, train_sampling); the val split is scored whole.
 # val_bpb charges each target token its UTF-8 bytes, read from the tokenizer's pieces (byte LUTs).
 # ======================================================================================================
 
@@ -553,32 +553,9 @@ def shard_files(data_path: str, pattern: str, var: str) -> list[Path]:
             "(FineWeb) or python data/prepare_local.py (the demo corpus)", DataError)
     return files
 
-class TokenStream:
-    """Reads shards in order, wrapping around; its position is two ints so a run can resume."""
-
-    def __init__(self, files: list[Path], vocab_size: int | None = None):
-        self.files, self.vocab_size, self.file_idx, self.pos, self.tokens = files, vocab_size, -1, 0, None
-        self.seek(0, 0)
-
-    def seek(self, file_idx: int, pos: int) -> None:
-        if file_idx != self.file_idx:
-            self.tokens = load_data_shard(self.files[file_idx], self.vocab_size)
-        self.file_idx, self.pos = file_idx, pos
-
-    def take(self, n: int) -> Tensor:
-        parts = []
-        while n > 0:
-            if self.pos >= self.tokens.numel():
-                self.seek((self.file_idx + 1) % len(self.files), 0)
-            chunk = self.tokens[self.pos:self.pos + n]
-            parts.append(chunk)
-            self.pos += chunk.numel()
-            n -= chunk.numel()
-        return torch.cat(parts)
-
 class ShuffledWindows:
-    """TRAIN_SAMPLING=shuffled, as the records' loader: each epoch visits every (seq_len+1)-token window of
-    every shard once, at a phase and in an order drawn from (SEED, epoch); its position is two ints too."""
+    """As the records' loader: each epoch visits every (seq_len+1)-token window of every train shard once, at
+    a phase and in an order drawn from (SEED, epoch); its position is two ints (epoch, index): resumable."""
 
     def __init__(self, files: list[Path], seq_len: int, seed: int):
         self.maps, self.seq_len, self.seed = [shard_tokens(f) for f in files], seq_len, seed
@@ -590,14 +567,14 @@ class ShuffledWindows:
         self.counts = np.array([max((len(m) - 1 - self.phase) // self.seq_len, 0) for m in self.maps])
         self.ends, self.order = np.cumsum(self.counts), rng.permutation(int(self.counts.sum()))
         require(len(self.order) > 0, "TRAIN_SEQ_LEN", f"no shard holds {self.seq_len + 1} tokens", DataError)
-        self.file_idx, self.pos = epoch, pos
+        self.epoch, self.pos = epoch, pos
 
     def take(self, n: int) -> list[tuple[int, int]]:
         """The next n windows, as (shard, start)."""
         out = []
         while len(out) < n:
             if self.pos >= len(self.order):
-                self.seek(self.file_idx + 1, 0)
+                self.seek(self.epoch + 1, 0)
             g = self.order[self.pos:self.pos + n - len(out)]
             self.pos += len(g)
             i = np.searchsorted(self.ends, g, "right")
@@ -605,26 +582,22 @@ class ShuffledWindows:
         return out
 
 class DistributedTokenLoader:
-    """One micro-batch for every rank from the shared stream: a step's tokens depend on ACCUM_SPLITS alone."""
+    """One micro-batch for every rank from the shared window order: a step's tokens depend on ACCUM_SPLITS
+    alone, never on how many processes share it (each rank reads only its own windows)."""
 
     def __init__(self, files: list[Path], dinfo: DistInfo, device: torch.device, hp: Hyperparameters):
-        self.dinfo, self.device, self.shuffled = dinfo, device, hp.train_sampling == "shuffled"
-        self.stream = (ShuffledWindows(files, hp.train_seq_len, hp.seed) if self.shuffled
-                       else TokenStream(files, hp.vocab_size))
+        self.files, self.vocab_size, self.dinfo, self.device = files, hp.vocab_size, dinfo, device
+        self.windows = ShuffledWindows(files, hp.train_seq_len, hp.seed)
 
     def next_batch(self, micro_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
-        span, rank = micro_tokens + 1, self.dinfo.rank
-        if self.shuffled:
-            rows = micro_tokens // seq_len
-            mine = self.stream.take(rows * self.dinfo.world_size)[rank * rows:(rank + 1) * rows]
-            local = torch.stack([torch.from_numpy(self.stream.maps[i][s:s + seq_len + 1].astype(np.int64))
-                                 for i, s in mine])
-            x, y = local[:, :-1], local[:, 1:]
-        else:
-            chunk = self.stream.take(span * self.dinfo.world_size)
-            local = chunk[rank * span:(rank + 1) * span].to(torch.int64)
-            x, y = local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        rows, rank, maps = micro_tokens // seq_len, self.dinfo.rank, self.windows.maps
+        mine = self.windows.take(rows * self.dinfo.world_size)[rank * rows:(rank + 1) * rows]
+        local = torch.stack([torch.from_numpy(maps[i][s:s + seq_len + 1].astype(np.int64)) for i, s in mine])
+        if int(local.max()) >= self.vocab_size:   # a shard changed on disk after the preflight: name it
+            for i in sorted({i for i, _ in mine}):
+                shard_tokens(self.files[i], self.vocab_size)
+        local = local.to(self.device, non_blocking=True)
+        return local[:, :-1], local[:, 1:]
 
 @dataclass
 class ByteLUTs:
@@ -1313,7 +1286,7 @@ class Trainer:
         state = {"step": self.step, "train_seconds": self.clock.seconds, "model": self.model.state_dict(),
                  "optimizers": [o.state_dict() for o in self.optimizers], "qat_on": self.qat_on,
                  "ema": (self.ema.weights, self.ema.updates), "rng_cpu": torch.get_rng_state(),
-                 "stream": torch.tensor([self.loader.stream.file_idx, self.loader.stream.pos])}
+                 "windows": torch.tensor([self.loader.windows.epoch, self.loader.windows.pos])}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return copy.deepcopy(state)
@@ -1323,7 +1296,7 @@ class Trainer:
         for opt, st in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(st)
         self.ema.weights, self.ema.updates = state["ema"]
-        self.loader.stream.seek(*state["stream"].tolist())
+        self.loader.windows.seek(*state["windows"].tolist())
         self.step, self.clock = state["step"], Clock(state["train_seconds"])
         self.elapsed = state["train_seconds"]
         torch.set_rng_state(state["rng_cpu"].cpu())

@@ -32,15 +32,15 @@ def loader_on(tmp_path, lengths, world=1, rank=0, seq_len=4, seed=5):
     for i, n in enumerate(lengths):   # token value = its global position: windows are easy to recognise
         files.append(tmp_path / f"t_train_{i:06d}.bin")
         write_shard(files[-1], np.arange(sum(lengths[:i]), sum(lengths[:i]) + n) % 60000)
-    hp = train_gpt.Hyperparameters.from_env({"TRAIN_SAMPLING": "shuffled", "TRAIN_SEQ_LEN": str(seq_len),
-                                             "SEED": str(seed), "VOCAB_SIZE": "65536"})
+    hp = train_gpt.Hyperparameters.from_env({"TRAIN_SEQ_LEN": str(seq_len), "SEED": str(seed),
+                                             "VOCAB_SIZE": "65536"})
     return train_gpt.DistributedTokenLoader(files, train_gpt.DistInfo(rank=rank, world_size=world),
                                             torch.device("cpu"), hp)
 
 
-def test_shuffled_sampling_visits_every_window_once_an_epoch_in_a_seeded_order(tmp_path):
+def test_training_visits_every_window_once_an_epoch_in_a_seeded_order(tmp_path):
     loader = loader_on(tmp_path, [103, 58, 3])            # the 3-token shard holds no window of 5 tokens
-    stream = loader.stream
+    stream = loader.windows
     epoch, phase = int(stream.counts.sum()), stream.phase
     x, y = loader.next_batch(4 * epoch, 4)                 # exactly one epoch
     assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y[:, -1], x[:, -1] + 1)
@@ -50,20 +50,20 @@ def test_shuffled_sampling_visits_every_window_once_an_epoch_in_a_seeded_order(t
     assert torch.equal(loader_on(tmp_path, [103, 58, 3]).next_batch(4 * epoch, 4)[0], x)
     assert not torch.equal(loader_on(tmp_path, [103, 58, 3], seed=6).next_batch(4 * epoch, 4)[0], x)
     loader.next_batch(4, 4)
-    assert (stream.file_idx, stream.pos) == (1, 1)       # the next epoch: position (epoch, index)
+    assert (stream.epoch, stream.pos) == (1, 1)       # the next epoch: position (epoch, index)
 
 
-def test_shuffled_sampling_resumes_from_two_ints_and_splits_a_step_over_ranks(tmp_path):
+def test_the_window_order_resumes_from_two_ints_and_splits_a_step_over_ranks(tmp_path):
     one = loader_on(tmp_path, [300, 200])
     one.next_batch(4 * 10, 4)
-    state = (one.stream.file_idx, one.stream.pos)
+    state = (one.windows.epoch, one.windows.pos)
     whole = one.next_batch(4 * 200, 4)[0]                                # crosses into later epochs
     other = loader_on(tmp_path, [300, 200])
-    other.stream.seek(*state)
+    other.windows.seek(*state)
     assert torch.equal(other.next_batch(4 * 200, 4)[0], whole)
     ranks = [loader_on(tmp_path, [300, 200], world=2, rank=r) for r in (0, 1)]
     for r in ranks:
-        r.stream.seek(*state)
+        r.windows.seek(*state)
     assert torch.equal(torch.cat([r.next_batch(4 * 100, 4)[0] for r in ranks]), whole)
 
 

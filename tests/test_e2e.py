@@ -155,10 +155,9 @@ def train_losses(path: Path) -> dict[int, float]:
     return {int(s): float(v) for s, v in re.findall(r"^step:(\d+)/\d+ train_loss:([0-9.]+)", path.read_text(), flags=re.M)}
 
 
-@pytest.mark.parametrize("sampling", ["stream", "shuffled"])
-def test_resume_after_a_kill_matches_an_uninterrupted_run(sampling, local_corpus, tmp_path, monkeypatch):
+def test_resume_after_a_kill_matches_an_uninterrupted_run(local_corpus, tmp_path, monkeypatch):
     base = tiny_env(local_corpus, tmp_path, ITERATIONS=12, VAL_LOSS_EVERY=0, CHECKPOINT_EVERY=5, QUANT="rtn",
-                    WARMDOWN_ITERS=6, TRAIN_SAMPLING=sampling)
+                    WARMDOWN_ITERS=6)
     full = tg.main({**base, "RUN_ID": "full"})
     real_step, calls = tg.Trainer.train_step, {"n": 0}
 

@@ -520,8 +520,9 @@ def test_a_bad_token_id_in_a_later_train_shard_is_caught_before_training(small, 
 
 
 def test_a_shard_that_goes_bad_mid_run_leaves_a_checkpoint_to_resume_from(small, tmp_path, monkeypatch):
-    """The preflight passed; then the second train shard changes on disk. When the stream reaches it (step
-    2), the run stops with one error, a checkpoint written first."""
+    """The preflight passed; then the second train shard changes on disk. At the first batch holding one of
+    its windows (this seed: the first), the run stops with one error, a checkpoint of the last completed step
+    (here step 0) written first."""
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(small.data / "local_val_000000.bin", data)
@@ -533,11 +534,11 @@ def test_a_shard_that_goes_bad_mid_run_leaves_a_checkpoint_to_resume_from(small,
     def then_corrupt(*args, **kwargs):
         out = real(*args, **kwargs)
         bad = train[2000:6000].astype(np.int64)
-        bad[0] = 4000
+        bad[:] = 4000
         write_shard(data / "local_train_000001.bin", bad)
         return out
     monkeypatch.setattr(tg, "preflight", then_corrupt)
     with pytest.raises(tg.DataError, match=r"local_train_000001\.bin: token id 4000 >= VOCAB_SIZE=1024"):
         tg.main(fast_env(small, tmp_path, DATA_PATH=data, RUN_ID="midrun"))
     saved = torch.load(tmp_path / "artifacts" / "midrun.r0.ckpt", map_location="cpu", weights_only=True)
-    assert saved["step"] == 1 and "checkpoint:" in (tmp_path / "logs" / "midrun.txt").read_text()
+    assert saved["step"] == 0 and "checkpoint:" in (tmp_path / "logs" / "midrun.txt").read_text()

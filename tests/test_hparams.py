@@ -169,3 +169,11 @@ def test_one_edit_typos_of_every_knob_are_rejected():
     for short in ("SED", "SEEDS", "RESME", "COMPLE", "QUNT"):
         with pytest.raises(tg.HyperparameterError, match=short):
             tg.Hyperparameters.from_env({short: "1"})
+
+
+def test_the_submission_stays_within_its_byte_and_column_budget():
+    """Issue 21: every packed byte is a byte of model the cap takes away; the issues after it add their
+    features within 36,000 packed bytes, in lines of at most 110 columns."""
+    assert len(tg.packed_code()) <= 36_000
+    lines = (ROOT / "train_gpt.py").read_text().splitlines()
+    assert not [i + 1 for i, line in enumerate(lines) if len(line) > 110]
