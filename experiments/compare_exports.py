@@ -29,9 +29,9 @@ def compare(hp: tg.Hyperparameters, dinfo: tg.DistInfo, device) -> dict:
     log = tg.Logger(Path(hp.log_dir) / f"{run_id}.txt" if dinfo.master else None)
     trainer = tg.build_training(hp, data, dinfo, device, log, run_id)
     out = {"run_id": run_id, **trainer.train(data)}
-    trained, where = copy.deepcopy(trainer.model), (trainer.loader.stream.file_idx, trainer.loader.stream.pos)
+    trained, where = copy.deepcopy(trainer.model), (trainer.loader.windows.epoch, trainer.loader.windows.pos)
     calib = tg.calibration_batches(trainer.loader, hp, dinfo)   # the batches the export is about to draw
-    trainer.loader.stream.seek(*where)
+    trainer.loader.windows.seek(*where)
     out.update(tg.export(trainer, hp, data, run_id))
     out.update(tg.score_artifact(Path(out["artifact"]), hp, data, dinfo, device, log))
     ks = tg.ks_at(tg.relative_ks(trained, hp, {}), out["quant_k"]) if hp.quant_alloc == "uniform" else None
