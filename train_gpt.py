@@ -232,9 +232,8 @@ class Hyperparameters:
     @property
     def train_time_cap(self) -> float:
         """Seconds the training loop may use: the cap less what GPTQ calibration needs after it."""
-        if self.max_wallclock_seconds <= 0:
-            return 0.0
-        return self.max_wallclock_seconds - (self.gptq_reserve_seconds if self.quant == "gptq" else 0.0)
+        reserve = self.gptq_reserve_seconds if self.quant == "gptq" else 0.0
+        return self.max_wallclock_seconds - reserve if self.max_wallclock_seconds > 0 else 0.0
 
     def use_compile(self, device: torch.device) -> bool:
         return self.compile == "1" or (self.compile == "auto" and device.type == "cuda")
@@ -420,7 +419,7 @@ class Logger:
             write_atomic(path, b"")
 
     def __call__(self, msg: str) -> None:
-        if self.path is None:
+        if self.path is None:  # a non-zero rank logs nothing
             return
         print(msg, flush=True)
         with disk_errors(self.path), self.path.open("a") as fh:
@@ -473,9 +472,8 @@ def git_commit() -> str:
         return "unknown"
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device).replace(" ", "_")
-    return f"cpu_{platform.machine()}_{os.cpu_count()}cores"
+    return torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else \
+        f"cpu_{platform.machine()}_{os.cpu_count()}cores"
 
 @functools.lru_cache(maxsize=1)
 def source_bytes() -> bytes:
@@ -1097,9 +1095,7 @@ def lr_scale(hp: Hyperparameters, step: int, elapsed_s: float) -> float:
     """1, then a linear warmdown to MIN_LR_SCALE over the last WARMDOWN_ITERS (or WARMDOWN_FRAC) steps."""
     left = steps_left(hp, step, elapsed_s)
     warmdown = hp.warmdown_frac * (step + left) if hp.warmdown_frac else hp.warmdown_iters
-    if warmdown <= 0:
-        return 1.0
-    return max(hp.min_lr_scale, min(1.0, left / warmdown))
+    return max(hp.min_lr_scale, min(1.0, left / warmdown)) if warmdown > 0 else 1.0
 
 def muon_momentum(hp: Hyperparameters, step: int) -> float:
     frac = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps else 1.0
@@ -1228,10 +1224,7 @@ class Trainer:
     def train(self, data: RunData) -> dict:
         """The step loop, then the export weights and their pre-quant score."""
         hp = self.hp
-        if hp.resume:
-            self.resume()
-        else:
-            self.prime_compile()
+        self.resume() if hp.resume else self.prime_compile()
         with self.clock.running():
             while steps_left(hp, self.step, self.elapsed) > 0:
                 if hp.val_loss_every and self.step % hp.val_loss_every == 0:
@@ -1610,7 +1603,7 @@ def storage_plan(model: CrawlerGPT, hp: Hyperparameters) -> StoragePlan:
         elif table:
             plan.tables.add(name)
             plan.kinds[name] = hp.embed_quant
-        else:
+        else:  # control tensors stay fp32, other small floats fp16
             plan.kinds[name] = "fp32" if any(c in name for c in CONTROL_PATTERNS) else "fp16"
         block = name.split(".")[:2] if name.startswith(("flat.", "crawler.")) else None
         plan.groups[name] = ".".join(block) if block else "embed" if name == "tok_emb.weight" else "other"
@@ -1660,20 +1653,15 @@ def quantize_model_(model: CrawlerGPT, hp: Hyperparameters, quant: str, batches:
     entries, used = {}, {}
     for phase, names in enumerate((set(quantized) - late, late)):
         need = {n for n in names if n in plan.linear} if quant == "gptq" else set()
-        if phase == 0 and float_hessians is not None:
-            hessians = {n: float_hessians[n] for n in need}
-        else:
-            hessians = collect_hessians(model, batches, need, dinfo) if need else {}
+        hessians = ({n: float_hessians[n] for n in need} if phase == 0 and float_hessians is not None
+                    else collect_hessians(model, batches, need, dinfo) if need else {})
         used.update(hessians)
         for name in sorted(names):
             p, bits = params[name], QUANT_KINDS[plan.kinds[name]]
             k = (ks or {}).get(name, hp.embed_quant_k if name in plan.tables else hp.quant_k)
-            clip = row_clip(_as_2d_float(p), k)
-            if name in hessians:
-                q, scale = gptq_quantize(p, hessians[name], bits, clip, hp.gptq_damp, hp.gptq_block_size,
-                                         hp.gptq_act_order)
-            else:
-                q, scale = quantize_rows(p, bits, clip)
+            clip, h = row_clip(_as_2d_float(p), k), hessians.get(name)
+            q, scale = (quantize_rows(p, bits, clip) if h is None else
+                        gptq_quantize(p, h, bits, clip, hp.gptq_damp, hp.gptq_block_size, hp.gptq_act_order))
             entries[name] = {"kind": plan.kinds[name], "shape": list(p.shape), "q": q.cpu(),
                              "scale": scale.cpu()}
             p.copy_(dequantize_rows(q, scale).to(p))
