@@ -7,12 +7,12 @@ machine and every Python builds the same tokenizer and shards. Your own text can
 with a "text" field).
 
 Outputs (under --out-root, default: the repo's data/ directory):
-    tokenizers/{name}_1024_bpe.model (+ .vocab)
-    datasets/{name}_sp1024/{name}_train_000000.bin ...
-    datasets/{name}_sp1024/{name}_val_000000.bin ...   (+ {name}_heldout_* for the shipped corpus)
-    datasets/{name}_sp1024/manifest.json
+    tokenizers/{name}_{V}_bpe.model (+ .vocab)         V = --vocab-size, 1024 by default
+    datasets/{name}_sp{V}/{name}_train_000000.bin ...
+    datasets/{name}_sp{V}/{name}_val_000000.bin ...   (+ {name}_heldout_* for the shipped corpus)
+    datasets/{name}_sp{V}/manifest.json
 
-The tokenizer follows the challenge spec (SentencePiece BPE, vocab 1024,
+The tokenizer follows the challenge spec (SentencePiece BPE, vocab 1024 unless --vocab-size says otherwise,
 byte fallback, split digits, nmt_nfkc, no dummy prefix, pad/bos/eos/unk =
 0/1/2/3) and is trained on the train documents only. Each document is encoded
 as [BOS] + tokens, no EOS, like the challenge's FineWeb shards.
@@ -174,8 +174,8 @@ def _training_sentences(docs: list[str]):
                 yield line
 
 
-def train_tokenizer(train_docs: list[str]) -> bytes:
-    """Train the challenge-spec BPE tokenizer; returns the serialized model."""
+def train_tokenizer(train_docs: list[str], spec: dict = SP_TRAINER_SPEC) -> bytes:
+    """Train the challenge-spec BPE tokenizer (spec: SP_TRAINER_SPEC, its vocab_size may differ); returns the model."""
     import sentencepiece as spm
 
     spm.set_random_generator_seed(SP_SEED)
@@ -185,12 +185,12 @@ def train_tokenizer(train_docs: list[str]) -> bytes:
             sentence_iterator=_training_sentences(train_docs),
             model_writer=model,  # no temp/prefix path ends up inside the model
             minloglevel=2,
-            **SP_TRAINER_SPEC,
+            **spec,
         )
     except RuntimeError as e:
         raise SystemExit(
             f"prepare_local: error: SentencePiece training failed ({e}); "
-            f"a {VOCAB_SIZE}-piece BPE needs more (and more varied) training text"
+            f"a {spec['vocab_size']}-piece BPE needs more (and more varied) training text"
         ) from None
     return model.getvalue()
 
@@ -219,9 +219,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def output_paths(out_root: Path, name: str) -> dict:
-    dataset_dir = out_root / "datasets" / f"{name}_sp{VOCAB_SIZE}"
-    tok_base = out_root / "tokenizers" / f"{name}_{VOCAB_SIZE}_bpe"
+def output_paths(out_root: Path, name: str, vocab_size: int = VOCAB_SIZE) -> dict:
+    dataset_dir = out_root / "datasets" / f"{name}_sp{vocab_size}"
+    tok_base = out_root / "tokenizers" / f"{name}_{vocab_size}_bpe"
     return {
         "dataset_dir": dataset_dir,
         "manifest": dataset_dir / "manifest.json",
@@ -233,7 +233,7 @@ def output_paths(out_root: Path, name: str) -> dict:
 # --------------------------------------------------------------- manifest
 
 def requested_params(name: str, val_fraction: float, tokens_per_shard: int, source_key: dict,
-                     shuffle_seed: int = 0) -> dict:
+                     shuffle_seed: int = 0, vocab_size: int = VOCAB_SIZE) -> dict:
     return {
         "format": MANIFEST_FORMAT,
         "name": name,
@@ -241,7 +241,7 @@ def requested_params(name: str, val_fraction: float, tokens_per_shard: int, sour
         "tokens_per_shard": tokens_per_shard,
         "train_order": "shuffled",
         "shuffle_seed": shuffle_seed,
-        "tokenizer_spec": SP_TRAINER_SPEC,
+        "tokenizer_spec": {**SP_TRAINER_SPEC, "vocab_size": vocab_size},
         "tokenizer_seed": SP_SEED,
         "bos_per_document": True,
         "eos_per_document": False,
@@ -296,17 +296,18 @@ def build(out_root: Path, name: str, docs: list[str], description: str, params: 
           heldout: list[str] | None = None) -> dict:
     import sentencepiece as spm
 
-    paths = output_paths(out_root, name)
+    vocab_size = params["tokenizer_spec"]["vocab_size"]
+    paths = output_paths(out_root, name, vocab_size)
     train_docs, val_docs = split_documents(docs, params["val_fraction"])
 
     # Remove the old manifest first so an interrupted build is never "current".
     paths["manifest"].unlink(missing_ok=True)
 
-    model_bytes = train_tokenizer(train_docs)
+    model_bytes = train_tokenizer(train_docs, params["tokenizer_spec"])
     write_atomic(paths["tokenizer"], model_bytes)
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-    if sp.get_piece_size() != VOCAB_SIZE:
-        raise SystemExit(f"prepare_local: error: tokenizer has {sp.get_piece_size()} pieces, expected {VOCAB_SIZE}")
+    if sp.get_piece_size() != vocab_size:
+        raise SystemExit(f"prepare_local: error: tokenizer has {sp.get_piece_size()} pieces, expected {vocab_size}")
     write_atomic(paths["vocab"], vocab_text(sp).encode("utf-8"))
 
     splits = {}
@@ -328,7 +329,7 @@ def build(out_root: Path, name: str, docs: list[str], description: str, params: 
                    "docs": len(docs), "text_bytes": sum(s["text_bytes"] for k, s in splits.items() if k != "heldout")},
         "tokenizer": {"path": paths["tokenizer"].relative_to(out_root).as_posix(),
                       "sha256": hashlib.sha256(model_bytes).hexdigest(),
-                      "vocab_size": VOCAB_SIZE},
+                      "vocab_size": vocab_size},
         "dataset_dir": paths["dataset_dir"].relative_to(out_root).as_posix(),
         "splits": splits,
     }
@@ -358,13 +359,15 @@ def format_summary(manifest: dict, out_root: Path) -> str:
 
 def run(out_root=None, name: str = "local", text_dir=None, jsonl=None,
         val_fraction: float = 0.05, tokens_per_shard: int = 100_000_000,
-        force: bool = False, log=print, shuffle_seed: int = 0) -> dict:
+        force: bool = False, log=print, shuffle_seed: int = 0, vocab_size: int = VOCAB_SIZE) -> dict:
     """Build (or confirm) the local corpus. Returns a dict with the manifest,
     `dataset_dir`, `tokenizer_path` and `up_to_date` (True when skipped)."""
     start = time.perf_counter()
     out_root = Path(out_root or DEFAULT_OUT_ROOT).resolve()
     validate_args(name, val_fraction, tokens_per_shard)
-    paths = output_paths(out_root, name)
+    if not 260 <= vocab_size <= 65536:   # byte fallback needs 256 pieces + 4 ids; shards store uint16
+        raise SystemExit(f"prepare_local: error: --vocab-size {vocab_size}: expected 260 to 65536")
+    paths = output_paths(out_root, name, vocab_size)
 
     heldout = None
     if text_dir is None and jsonl is None:
@@ -375,13 +378,13 @@ def run(out_root=None, name: str = "local", text_dir=None, jsonl=None,
     else:
         docs, description = read_user_documents(text_dir and Path(text_dir), jsonl and Path(jsonl))
         source_key = {"kind": "user-text", "corpus_sha256": corpus_sha256(docs)}
-    params = requested_params(name, val_fraction, tokens_per_shard, source_key, shuffle_seed)
+    params = requested_params(name, val_fraction, tokens_per_shard, source_key, shuffle_seed, vocab_size)
 
     manifest = None if force else manifest_is_current(paths, params, out_root)
     up_to_date = manifest is not None
     if not up_to_date:
         manifest = build(out_root, name, docs, description, params, heldout)
-    log(("up to date: " if up_to_date else "built: ") + f"{name}_sp{VOCAB_SIZE}")
+    log(("up to date: " if up_to_date else "built: ") + f"{name}_sp{vocab_size}")
     log(format_summary(manifest, out_root))
     log(f"  time: {time.perf_counter() - start:.1f} s")
     return {
@@ -419,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="root holding tokenizers/ and datasets/ (default: <repo>/data)")
     p.add_argument("--shuffle-seed", type=int, default=0,
                    help="seed of the train documents' random order, recorded in the manifest (default: 0)")
+    p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
+                   help="the BPE's pieces (default: 1024, the challenge's; the records use 4096 and 8192)")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifest says up to date")
     return p
 
@@ -427,7 +432,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     run(out_root=args.out_root, name=args.name, text_dir=args.text_dir, jsonl=args.jsonl,
         val_fraction=args.val_fraction, tokens_per_shard=args.tokens_per_shard, force=args.force,
-        shuffle_seed=args.shuffle_seed)
+        shuffle_seed=args.shuffle_seed, vocab_size=args.vocab_size)
     return 0
 
 

@@ -38,7 +38,12 @@ import train_gpt  # noqa: E402
 from experiments.cost_model import budget_steps  # noqa: E402
 
 RUNNER_VARS = ("SEEDS", "PROFILE", "PROXY", "THRESHOLD", "MIN_SEEDS", "TRAIN_CMD",   # with ABLATE_*: never passed
-               "TRAIN_TFLOPS")                                                     # on (TRAIN_TFLOPS: ITERATIONS)
+               "TRAIN_TFLOPS", "QUESTION")                                         # on (TRAIN_TFLOPS: ITERATIONS)
+# What a CPU verdict is for (QUESTION), and so how a compute budget (TRAIN_TFLOPS, PROFILE=cpu) becomes each arm's
+# steps. pod: every arm runs the control's steps (equal steps), the proxy that ranked published scripts closest to
+# their pod order (experiments/proxy_fidelity, LOG.md 2026-12-03); demo: each arm the steps the budget buys at its
+# own FLOPs (equal compute: the CPU demo's own question, a fixed clock).
+QUESTIONS = {"pod": "equal steps", "demo": "equal compute"}
 PER_RUN_VARS = ("SEED", "RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "RECORDS_DIR")          # the runner sets these
 PROXY_ENV = {"ITERATIONS": "500", "MAX_WALLCLOCK_SECONDS": "0"}
 ALPHA, POWER = 0.05, 0.8            # the paired test's level (two-sided) and the power behind the MDE
@@ -118,6 +123,7 @@ def read_settings(environ: Mapping[str, str]) -> SimpleNamespace:
                       lambda v: v and min(v) >= 0 and len(set(v)) == len(v), "distinct integers >= 0, e.g. 1337,42"),
         proxy=setting("PROXY", "0", str, lambda v: v in ("0", "1"), "0 or 1") == "1",
         threshold=setting("THRESHOLD", 0.005, float, lambda v: 0 < v < math.inf, "a BPB delta > 0"),
+        question=setting("QUESTION", "pod", str, lambda v: v in QUESTIONS, " or ".join(QUESTIONS)),
         min_seeds=setting("MIN_SEEDS", 3, int, lambda v: v >= 1, "an integer >= 1"),
         jobs=setting("ABLATE_JOBS", 1, int, lambda v: v == 1 or v > 1 and not gpus, "1, or CPU runs side by side"),
         profile=environ.get("PROFILE") or "pod", train_cmd=train_cmd, gpus=gpus)
@@ -295,10 +301,11 @@ class Sweep:
                 raise ValidationError(f"{where}: ${{{err.args[0]}}} is not set (run.sh sets it per PROFILE)") from None
         base |= {"LOG_DIR": str(_rel(self.logs)), "ARTIFACT_DIR": str(_rel(self.work / "artifacts")),
                  "RECORDS_DIR": str(_rel(self.work / "records"))}
-        if tflops := float(self.environ.get("TRAIN_TFLOPS") or 0):   # a compute budget: each arm's own steps
+        if tflops := float(self.environ.get("TRAIN_TFLOPS") or 0):   # a compute budget: steps per QUESTIONS
             for arm_env in arm_envs:
                 try:
-                    hp = train_gpt.Hyperparameters.from_env({**base, **arm_env})
+                    hp = train_gpt.Hyperparameters.from_env({**base, **(arm_env if self.settings.question == "demo"
+                                                                         else arm_envs[0])})
                 except train_gpt.GolfError:
                     continue   # validate() names the bad value
                 arm_env["ITERATIONS"] = str(budget_steps(hp, tflops))
@@ -353,10 +360,13 @@ class Sweep:
                                       f"config ({'; '.join(diff)}): move the folder aside or restore the settings")
         caller = set(env.get("ABLATE_CALLER_VARS", "").split()) & set(train_gpt.knob_names())   # from profile.sh
         command = [f"PROFILE={s.profile}", f"SEEDS={_seeds(s.seeds)}"] + ["PROXY=1"] * s.proxy + [
-            f"{k}={shlex.quote(env[k])}" for k in ("THRESHOLD", "MIN_SEEDS", "TRAIN_CMD", "ABLATE_GPUS", "ABLATE_JOBS",
-                                                   *sorted(caller)) if env.get(k)]
+            f"{k}={shlex.quote(env[k])}" for k in ("QUESTION", "THRESHOLD", "MIN_SEEDS", "TRAIN_CMD", "ABLATE_GPUS",
+                                                   "ABLATE_JOBS", *sorted(caller)) if env.get(k)]
         device = train_gpt.device_name(torch.device("cuda" if s.gpus else "cpu"))
-        self.meta.update(profile=s.profile, seeds=list(s.seeds), threshold=s.threshold, commit=train_gpt.git_commit(),
+        budget = (f"{QUESTIONS[s.question]} from {env['TRAIN_TFLOPS']} TFLOPs" if env.get("TRAIN_TFLOPS") else
+                  "fixed steps (PROXY=1)" if s.proxy else "each run's ITERATIONS and wallclock cap")
+        self.meta.update(question=f"{s.question} ({budget})", profile=s.profile, seeds=list(s.seeds),
+                         threshold=s.threshold, commit=train_gpt.git_commit(),
                          command=" ".join(command + [f"bash {_rel(self.dir)}/run.sh" if "ABLATE_CALLER_VARS" in env
                                                      else f"python experiments/ablate.py {_rel(self.dir)}"]
                                           + [f"--results {self.results.name}"] * (self.results.name != "results")),
@@ -434,7 +444,8 @@ class Sweep:
     def report(self, table: pd.DataFrame, rows: pd.DataFrame) -> list[str]:
         """What summary.md and the LOG.md entry share: provenance, failures, the table, the verdict rule."""
         failed, meta = rows[rows.status != "ok"], self.meta
-        return [f"- command: `{meta['command']}`", f"- device: {meta['device']}", f"- commit: `{meta['commit']}`",
+        return [f"- question: {meta.get('question', 'pod')}", f"- command: `{meta['command']}`",
+                f"- device: {meta['device']}", f"- commit: `{meta['commit']}`",
                 f"- results: `{_rel(self.results)}/` (summary.md, results.tsv, bars.png, curves.png)",
                 *[f"- **failed run** {a}/s{s}: `{e}`" for a, s, e in zip(failed.arm, failed.seed, failed.error)],
                 "", markdown_table(table), "", VERDICT_RULE.format(t=meta["threshold"], alpha=ALPHA, power=POWER), ""]

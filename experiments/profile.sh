@@ -9,7 +9,8 @@
 #   PROFILE=demo           the CPU demo `bash run.sh` runs without CUDA: 330 s of training on 2 cores,
 #                          scored on the bundled val split (each value's reason below)
 #   PROFILE=cpu            the CPU proxy for experiments: the demo's model and schedule for 6.1 TFLOPs
-#                          (160 steps; experiments/ablate.py turns TRAIN_TFLOPS into each arm's ITERATIONS),
+#                          (178 steps; experiments/ablate.py turns TRAIN_TFLOPS into ITERATIONS: the control's
+#                          for every arm when QUESTION=pod, the default; each arm's own when QUESTION=demo),
 #                          one thread, scored on the held-out pool (847k tokens)
 #   PROFILE=rehearsal      the pod rehearsal (REHEARSAL=1 bash run.sh, experiments/rehearsal.py): production
 #                          sizes, two one-sequence steps, warm-up, no wallclock cap
@@ -72,8 +73,9 @@ case "$PROFILE" in
       export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-100}"
       export TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-50}"
     else
-      # A fixed compute budget, not a clock: 6.1 TFLOPs is 160 steps of the demo model, fewer for an arm that
-      # costs more FLOPs a step (TRAIN_TFLOPS). One thread per run, so a run's weights are the same whatever
+      # A fixed compute budget, not a clock: 6.1 TFLOPs is 178 steps of the demo model; every arm runs them for
+      # a pod question, fewer for an arm that costs more FLOPs a step for a demo question (TRAIN_TFLOPS,
+      # QUESTION in experiments/ablate.py). One thread per run, so a run's weights are the same whatever
       # else the machine does (two sweeps side by side use both cores); the wallclock proxy's seed noise was
       # mostly the shared machine's speed (LOG.md, crawler_vs_flat 2026-11-23).
       export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"

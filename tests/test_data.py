@@ -207,6 +207,23 @@ def test_prepare_local_text_dir_builds_tokenizer_and_bos_shards(tmp_path, small_
     assert manifest["tokenizer"]["path"] == "tokenizers/tiny_1024_bpe.model"
 
 
+def test_prepare_local_vocab_size_builds_its_own_tokenizer_and_dataset(tmp_path, small_docs, capsys):
+    """--vocab-size N: tokenizers/{name}_N_bpe.model and datasets/{name}_spN beside the sp1024 build, whose
+    manifest (and so its up-to-date check) is what it was before the option existed."""
+    text_dir = _write_text_dir(tmp_path / "text", small_docs)
+    out = tmp_path / "out"
+    base = ["--text-dir", str(text_dir), "--out-root", str(out), "--name", "tiny"]
+    assert "built: tiny_sp1536" in _build(base + ["--vocab-size", "1536"], capsys)
+    assert spm.SentencePieceProcessor(model_file=str(out / "tokenizers" / "tiny_1536_bpe.model")).get_piece_size() == 1536
+    manifest = json.loads((out / "datasets" / "tiny_sp1536" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["vocab_size"] == manifest["params"]["tokenizer_spec"]["vocab_size"] == 1536
+    assert "built: tiny_sp1024" in _build(base, capsys)
+    spec = json.loads((out / "datasets" / "tiny_sp1024" / "manifest.json").read_text())["params"]["tokenizer_spec"]
+    assert spec == prepare_local.SP_TRAINER_SPEC
+    with pytest.raises(SystemExit, match="--vocab-size 100: expected 260 to 65536"):
+        prepare_local.main(base + ["--vocab-size", "100"])
+
+
 def test_prepare_local_rerun_is_up_to_date_and_rebuild_is_identical(tmp_path, small_docs, capsys):
     text_dir = _write_text_dir(tmp_path / "text", small_docs)
     out = tmp_path / "out"

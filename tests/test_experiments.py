@@ -22,7 +22,14 @@ import train_gpt  # noqa: E402
 
 # Knobs an experiment may use before train_gpt.py has them: the check is strict once they exist.
 PENDING = {"XSA_LAST_N", "CRAWLER_CADENCE"}
-EXPERIMENT_DIRS = sorted(p for p in EXPERIMENTS.iterdir() if (p / "run.sh").is_file())
+EXPERIMENT_DIRS = sorted(p for p in EXPERIMENTS.iterdir() if (p / "arms.tsv").is_file())
+TOOL_DIRS = {"overhead", "proxy_fidelity"}   # tools with their own scripts, not sweeps of ablate.py
+
+
+def test_every_folder_is_a_sweep_a_tool_or_results():
+    for p in EXPERIMENTS.iterdir():
+        if p.is_dir() and p.name not in TOOL_DIRS and not p.name.startswith((".", "__")):
+            assert (p / "arms.tsv").is_file() == (p / "run.sh").is_file() or (p / "results").is_dir(), p.name
 
 # A stand-in for train_gpt.py: writes a log and the result JSON train_gpt.py writes, fast. Its behaviour is
 # keyed on knob values (the runner validates every override, so a test can only steer it through real knobs):
@@ -314,19 +321,33 @@ def test_resume_ignores_a_deleted_knob_that_was_off(tmp_path, fake, capsys):
     assert calls(fake)[2:] == ["exp_control_s42", "exp_rtn_s42"]
 
 
-def test_a_flop_budget_sets_each_arms_iterations(tmp_path, fake):
-    """TRAIN_TFLOPS (the CPU proxy's budget) is the runner's: each arm's child gets the ITERATIONS the budget
-    buys at that arm's FLOPs (experiments/cost_model.budget_steps), never TRAIN_TFLOPS itself."""
+@pytest.mark.parametrize("question", ["demo", "pod", None])
+def test_a_flop_budget_sets_each_arms_iterations_by_the_question(tmp_path, fake, question):
+    """TRAIN_TFLOPS (the CPU proxy's budget) is the runner's, never passed on. QUESTION=demo (equal compute): each
+    arm's child gets the ITERATIONS the budget buys at that arm's FLOPs (experiments/cost_model.budget_steps).
+    QUESTION=pod, the default (equal steps, the proxy that ranked published scripts closest to the pod;
+    experiments/proxy_fidelity): every arm runs the control's steps. LOG.md's entry says which."""
     from experiments.cost_model import budget_steps
     exp = make_experiment(tmp_path, ["control\tc\t-", "deep\td\tCRAWLER_LOOPS=4"])
-    env = env_for(fake, TRAIN_TFLOPS="0.05", TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="4096", ACCUM_SPLITS="1")
+    env = env_for(fake, TRAIN_TFLOPS="0.05", TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="4096", ACCUM_SPLITS="1",
+                  **({"QUESTION": question} if question else {}))
     assert sweep(exp, env)[0] == 0
     child = {arm: json.loads((fake.parent / f"exp_{arm}_s1337.env.json").read_text()) for arm in ("control", "deep")}
     hp = {arm: train_gpt.Hyperparameters.from_env({k: v for k, v in e.items() if k in train_gpt.knob_names()})
           for arm, e in child.items()}
     steps = {arm: budget_steps(hp[arm], 0.05) for arm in hp}
-    assert [int(child[a]["ITERATIONS"]) for a in ("control", "deep")] == [steps["control"], steps["deep"]]
-    assert steps["deep"] < steps["control"] and not any("TRAIN_TFLOPS" in e for e in child.values())
+    assert steps["deep"] < steps["control"] and not any("TRAIN_TFLOPS" in e or "QUESTION" in e for e in child.values())
+    want = [steps["control"], steps["deep"]] if question == "demo" else [steps["control"]] * 2
+    assert [int(child[a]["ITERATIONS"]) for a in ("control", "deep")] == want
+    entry = (exp.parent / "LOG.md").read_text() if (exp.parent / "LOG.md").exists() else \
+        (exp / "results" / "summary.md").read_text()
+    assert f"- question: {question or 'pod'} ({'equal compute' if question == 'demo' else 'equal steps'}" in entry
+
+
+def test_a_bad_question_is_one_error(tmp_path, fake, capsys):
+    exp = make_experiment(tmp_path, ["control\tc\t-"])
+    assert sweep(exp, env_for(fake, QUESTION="pods"))[0] == 2
+    assert "QUESTION='pods': expected pod or demo" in capsys.readouterr().err
 
 
 def test_child_env_progress_and_proxy(tmp_path, fake, capsys):

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Score CPU proxies by how they rank published scripts against the pod.
+
+    python experiments/proxy_fidelity/calibrate.py run --proxy steps200 --scripts naive,r0405 --seeds 1337,42,7
+    python experiments/proxy_fidelity/calibrate.py report [--results FILE]
+
+`run` calls port.py for every (script, seed) not yet in the results file (JSON lines), --jobs at a time, one
+thread each. `report` prints the table script x proxy -> final val_bpb (mean ± std over seeds) and each proxy's
+Kendall tau against the pod scores; the derived proxy "extrapolate:<proxy>" fits each run's validation curve
+with L(s) = a + b * s^-c and reads it at the step where the run would have seen the pod's tokens."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, stats
+
+sys.path.insert(0, str(Path(__file__).parent))
+import port  # noqa: E402
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results.jsonl"
+POD_BATCH_TOKENS = {"naive": 524_288}   # every other script: 786,432 tokens a step (their logs)
+
+
+def read(path: Path) -> pd.DataFrame:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")] if path.exists() else []
+    return pd.DataFrame(rows, columns=["script", "proxy", "seed", "final_bpb", "steps", "seconds", "curve", "pod_bpb"]
+                        if not rows else None)
+
+
+def power_law(s, a, b, c):
+    return a + b * np.power(s, -c)
+
+
+def extrapolate(curve: list, script: str, proxy: port.Proxy) -> float:
+    """The fitted val curve at the step where this run would have seen the pod run's tokens."""
+    s, y = np.array([p[0] for p in curve if p[0] > 0], float), np.array([p[1] for p in curve if p[0] > 0], float)
+    spec = port.SCRIPTS[script]
+    target = spec.pod_steps * POD_BATCH_TOKENS.get(script, 786_432) / proxy.batch_tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (a, b, c), _ = optimize.curve_fit(power_law, s, y, p0=(y[-1] * 0.8, y[0], 0.5),
+                                          bounds=([0, 0, 0.01], [10, 1e3, 3]), maxfev=20000)
+    return float(power_law(target, a, b, c))
+
+
+def with_derived(df: pd.DataFrame) -> pd.DataFrame:
+    """The measured proxies plus, for each, its curve read out at the pod's token count. A proxy at the scripts'
+    own vocabularies runs the sp1024 scripts exactly as its sp1024 twin did: their rows are shared."""
+    for name, proxy in port.PROXIES.items():
+        twin = next((t for t, p in port.PROXIES.items() if p == replace(proxy, own_vocab=False)), None)
+        if proxy.own_vocab and twin:
+            same = df[(df.proxy == twin) & df.script.map(lambda s: port.SCRIPTS[s].pod_vocab == 1024)]
+            df = pd.concat([df, same.assign(proxy=name)], ignore_index=True)
+    ext = df[df.curve.map(lambda c: isinstance(c, list) and len(c) >= 4)].copy()
+    ext["final_bpb"] = [extrapolate(c, s, port.PROXIES[p]) for c, s, p in zip(ext.curve, ext.script, ext.proxy)]
+    ext["proxy"] = "extrapolate:" + ext.proxy
+    return pd.concat([df, ext], ignore_index=True)
+
+
+def kendall(pod: pd.Series, cpu: pd.Series) -> float:
+    return float(stats.kendalltau(pod, cpu).statistic) if len(pod) >= 2 else float("nan")
+
+
+def report(df: pd.DataFrame) -> str:
+    df = with_derived(df)
+    g = df.groupby(["proxy", "script"]).final_bpb
+    table = pd.DataFrame({"mean": g.mean(), "std": g.std(), "n": g.size(), "steps": df.groupby(
+        ["proxy", "script"]).steps.mean()}).reset_index()
+    table["pod"] = table.script.map(lambda s: port.SCRIPTS[s].pod_bpb)
+    order = sorted(table.script.unique(), key=lambda s: -port.SCRIPTS[s].pod_bpb)
+    lines = ["| proxy | " + " | ".join(f"{s} (pod {port.SCRIPTS[s].pod_bpb})" for s in order) + " | tau |",
+             "|---|" + "---|" * (len(order) + 1)]
+    for proxy, t in table.groupby("proxy"):
+        t = t.set_index("script")
+        cells = [f"{t.at[s, 'mean']:.4f} ± {t.at[s, 'std']:.4f} (n {t.at[s, 'n']}, {t.at[s, 'steps']:.0f} st)"
+                 if s in t.index else "—" for s in order]
+        lines.append(f"| {proxy} | " + " | ".join(cells) + f" | {kendall(t['pod'], t['mean']):+.2f} |")
+    return "\n".join(lines)
+
+
+def run_all(proxy: str, scripts: list[str], seeds: list[int], jobs: int, results: Path, out: Path) -> None:
+    done = read(results)
+    have = set(zip(done.script, done.proxy, done.seed)) if len(done) else set()
+    todo = [(s, seed) for seed in seeds for s in scripts if (s, proxy, seed) not in have]
+    def one(item):
+        s, seed = item
+        res = port.run(s, proxy, seed, out / f"{s}_{proxy}_s{seed}")
+        with results.open("a") as fh:
+            fh.write(json.dumps(res) + "\n")
+        print(f"{s} {proxy} seed {seed}: {res['final_bpb']:.4f} in {res['steps']} steps, {res['seconds']:.0f} s",
+              flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=["run", "report"])
+    ap.add_argument("--proxy", choices=sorted(port.PROXIES))
+    ap.add_argument("--scripts", default=",".join(port.SCRIPTS))
+    ap.add_argument("--seeds", default="1337,42,7")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/proxy_fidelity"))
+    a = ap.parse_args(argv)
+    if a.command == "run":
+        if not a.proxy:
+            ap.error("run needs --proxy")
+        run_all(a.proxy, a.scripts.split(","), [int(s) for s in a.seeds.split(",")], a.jobs, a.results, a.out)
+    print(report(read(a.results)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+"""Run a published record's own train_gpt.py on this CPU, ported by patches applied at run time.
+
+The record's code is read from a clone of openai/parameter-golf (PG_REPO, or the library's mirror), decoded
+if it ships as an lzma stub, patched in memory (fp32 for bf16, SDPA for FlashAttention 3, eager for
+torch.compile, CPU for CUDA), configured through its own environment variables at a proxy's scale, and run
+in a scratch directory whose data/ links one of our prepared corpora under the names the record expects.
+Nothing of the record is copied into this project.
+
+    python experiments/proxy_fidelity/port.py --script r0405 --proxy wall --seed 1337 --out DIR
+
+prints one JSON line (script, proxy, seed, steps, final val_bpb, the val curve, seconds); the run's own log
+lands in DIR. `calibrate.py` runs the set and scores each proxy against the pod."""
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import lzma
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RECORDS = "records/track_10min_16mb"
+DEFAULT_REPO = Path("/work/.mirror/openai+parameter-golf/repo")
+
+
+@dataclass(frozen=True)
+class Script:
+    """One published script: where it lives, its pod result, and how our scale maps onto its knobs."""
+    folder: str
+    file: str
+    pod_bpb: float          # the record's published 3-seed mean (its README / submission.json)
+    pod_steps: int          # steps its pod run took (its log), for scaling step-counted schedules
+    pod_layers: int
+    final: str              # the log label of its quantized score, plain (not sliding), before any TTT
+    layer_env: dict = field(default_factory=dict)  # env vars holding layer indices, as fractions of depth
+    env: dict = field(default_factory=dict)        # fixed settings (e.g. TTT off); see script_env
+    step_env: dict = field(default_factory=dict)   # env var -> pod value of a step-counted schedule
+    ema: str = ""           # "env" (EMA_DECAY), "text" (hard-coded 0.997) or "" (no EMA)
+    pod_ema: float = 0.997  # the EMA decay its pod run used
+    pod_vocab: int = 1024   # the tokenizer's vocabulary on the pod (8192: sp8192, CaseOps for r0427)
+    patches: tuple = ()     # script-specific (old, new) text replacements, each must match
+    extra: str = ""         # a sibling module with more: PATCHES, MODULES (name -> fake) and ENV (like env)
+
+
+SCRIPTS: dict[str, Script] = {
+    "naive": Script("2026-03-17_NaiveBaseline", "train_gpt.py", 1.2244, 13780, 9, "final_int8_zlib_roundtrip_exact",
+                    step_env={"WARMDOWN_ITERS": 1200, "MUON_MOMENTUM_WARMUP_STEPS": 500}),
+    "r0322": Script("2026-03-22_11L_EMA_GPTQ-lite_warmdown3500_QAT015_1.1233", "train_gpt.py", 1.1233, 7096, 11,
+                    "final_int6_roundtrip_exact",
+                    env={"XSA_LAST_N": "@4/11", "VE_LAYERS": "=f'{NUM_LAYERS - 2},{NUM_LAYERS - 1}'"},
+                    step_env={"WARMDOWN_ITERS": 3500, "MUON_MOMENTUM_WARMUP_STEPS": 1500, "SWA_EVERY": 50},
+                    ema="text"),
+    "r0405": Script("2026-04-05_SP8192_GPTQ-Embeddings_SDClip_Loop45x2", "train_gpt_human.py", 1.0856, 4988, 11,
+                    "quantized", pod_vocab=8192, layer_env={"LOOP_START": (4 / 11,), "LOOP_END": (5 / 11,)},
+                    step_env={"MUON_MOMENTUM_WARMUP_STEPS": 1500}, ema="env"),
+    "r0409": Script("2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT", "train_gpt.py", 1.0810, 4557, 11,
+                    "quantized", pod_vocab=8192,
+                    layer_env={"LOOP_START": (3 / 11,), "PARALLEL_RESIDUAL_START": (7 / 11,)},
+                    env={"TTT_ENABLED": "0", "LOOP_END": "=LOOP_START+2"}, step_env={"MUON_MOMENTUM_WARMUP_STEPS": 1500},
+                    ema="env", pod_ema=0.9965),
+    "r0427": Script("2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611", "train_gpt.py", 1.0611, 4945, 11,
+                    "diagnostic quantized", pod_vocab=8192,
+                    layer_env={"LOOP_START": (3 / 11,), "PARALLEL_START_LAYER": (8 / 11,)},
+                    env={"LOOP_END": "=LOOP_START+2"},   # and ports_r0427.ENV: the pod run's settings
+                    step_env={"MUON_MOMENTUM_WARMUP_STEPS": 1500}, ema="env", pod_ema=0.9965, extra="ports_r0427"),
+}
+
+
+@dataclass(frozen=True)
+class Proxy:
+    """How a script is scaled and how long it trains: by wallclock, or by a fixed number of steps."""
+    dim: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    depth: float = 6 / 11          # fraction of the pod's layer count kept (rounded)
+    seq_len: int = 256
+    batch_tokens: int = 8192
+    seconds: float = 0.0           # train wallclock cap (0: none)
+    steps: int = 0                 # fixed steps (0: until the wallclock cap)
+    corpus: str = "local"
+    val_every: int = 50
+    clock: str = "cpu"             # the scripts' timer: this process's CPU seconds (load-proof) or "wall"
+    own_vocab: bool = False        # each script at its pod vocabulary (a corpus tokenized so), else sp1024
+
+
+PROXIES: dict[str, Proxy] = {
+    "wall": Proxy(seconds=331.0),                     # today's: the demo's wallclock at the demo's scale
+    "steps200": Proxy(steps=200, val_every=25),       # equal steps (1.6M tokens each), schedules scaled to 200
+    "steps200v": Proxy(steps=200, val_every=25, own_vocab=True),   # the same, each at its own vocabulary
+    "smoke": Proxy(steps=6, val_every=3),             # a port check and a ms/step timing
+}
+
+
+def read_source(script: Script, repo: Path | None = None) -> str:
+    """The record's train_gpt.py as published, decoded when it ships as an lzma+base85 stub."""
+    repo = Path(os.environ.get("PG_REPO", repo or DEFAULT_REPO))
+    path = f"{RECORDS}/{script.folder}/{script.file}"
+    git_dir = repo if (repo / "HEAD").exists() and not (repo / ".git").exists() else repo / ".git"
+    try:
+        src = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"HEAD:{path}"], check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"error: cannot read {path} from {repo} ({e}) — clone openai/parameter-golf and set "
+                         f"PG_REPO to it") from None
+    return decode_stub(src)
+
+
+def decode_stub(src: str) -> str:
+    """`exec(lzma.decompress(b85decode("...")))` stubs hold the readable source; anything else is it."""
+    m = re.search(r'b85decode\("([^"]+)"\)', src)
+    if not m or len(src) - len(m.group(1)) > 400:
+        return src
+    raw = base64.b85decode(m.group(1))
+    if "FORMAT_RAW" in src:
+        return lzma.decompress(raw, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2}]).decode()
+    return lzma.decompress(raw).decode()
+
+
+# Text patches every script gets: CPU for CUDA, fp32 for bf16. Each is a regex; scripts vary in spelling.
+COMMON_PATCHES = (
+    (r'torch\.device\(\s*["\']cuda["\'][^)]*\)', 'torch.device("cpu")'),
+    (r'device\s*=\s*["\']cuda["\']', 'device="cpu"'),
+    (r'\.cuda\(\)', ''),
+    (r'torch\.cuda\.is_available\(\)', 'True'),
+    (r'torch\.bfloat16', 'torch.float32'),
+    (r'\.bfloat16\(\)', '.float()'),
+    (r'device_ids=\[[^\]]*\]', 'device_ids=None'),
+    (r'\[\s*["\']nvidia-smi["\']\s*\]', '["true"]'),
+)
+
+
+def py311_fstrings(src: str) -> str:
+    """Python 3.12 lets an f-string reuse its own quote inside {}; 3.11 does not. Swap those inner quotes.
+    A scanner over comments and string literals: valid 3.11 code comes back unchanged."""
+    out, i, n = [], 0, len(src)
+    while i < n:
+        c = src[i]
+        if c == "#":
+            j = src.find("\n", i)
+            j = n if j < 0 else j
+            out.append(src[i:j]); i = j
+            continue
+        m = re.match(r"([rRbBuUfF]{0,2})('''|\"\"\"|'|\")", src[i:i + 5])
+        if not m or (i and (src[i - 1].isalnum() or src[i - 1] == "_") and m.group(1)):
+            out.append(c); i += 1
+            continue
+        prefix, q = m.groups()
+        j, depth, body = i + len(m.group(0)), 0, []
+        fmt = "f" in prefix.lower() and len(q) == 1
+        while j < n:
+            ch = src[j]
+            if ch == "\\" and depth == 0:
+                body.append(src[j:j + 2]); j += 2
+                continue
+            if depth == 0 and src.startswith(q, j):
+                break
+            if fmt and ch == "{":
+                depth = depth + 1 if not (depth == 0 and src.startswith("{{", j)) else depth
+                if src.startswith("{{", j) and depth == 0:
+                    body.append("{{"); j += 2
+                    continue
+            elif fmt and ch == "}" and depth:
+                depth -= 1
+            elif fmt and depth and ch == q:
+                ch = "'" if q == '"' else '"'
+            body.append(ch); j += 1
+        out.append(m.group(0) + "".join(body) + q)
+        i = j + len(q)
+    return "".join(out)
+
+
+def patch_source(src: str, script: Script, dim: int = 512) -> str:
+    src = py311_fstrings(src)
+    for pattern, repl in COMMON_PATCHES:
+        src = re.sub(pattern, repl, src)
+    # "Tensors up to 65,536 values stay float": a rule written for width 512. Scaled with the width's square,
+    # the same matrices are quantized at the proxy's width as on the pod.
+    src = re.sub(r"(?<![\w.])65_?536(?![\w.])", str(65536 * dim * dim // 512 // 512), src)
+    for old, new in (*script.patches, *getattr(extra_module(script), "PATCHES", ())):
+        if old not in src:
+            raise SystemExit(f"error: patch for {script.folder} no longer matches: {old[:60]!r}")
+        src = src.replace(old, new)
+    if script.ema == "text":
+        src, n = re.subn(r"ema_decay\s*=\s*0\.997\b", 'ema_decay = float(os.environ["EMA_DECAY"])', src)
+        if n != 1:
+            raise SystemExit(f"error: {script.folder}: expected one hard-coded EMA decay, found {n}")
+    return src
+
+
+def extra_module(script: Script):
+    if not script.extra:
+        return None
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        return __import__(script.extra)
+    finally:
+        sys.path.pop(0)
+
+
+def sdpa_flash_attn(q, k, v, causal=True, **_):
+    """FlashAttention 3's layout [B, T, H, D] and GQA, computed by torch's SDPA."""
+    import torch.nn.functional as F
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+    return y.transpose(1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def cpu_runtime(script: Script):
+    """Fake GPU-only modules and make CUDA-only calls harmless, for the duration of one script."""
+    import torch
+    fa = types.ModuleType("flash_attn_interface")
+    fa.flash_attn_func = sdpa_flash_attn
+    fakes = {"flash_attn_interface": fa, **getattr(extra_module(script), "MODULES", {})}
+    saved_mods = {m: sys.modules.get(m) for m in fakes}
+    sys.modules.update(fakes)
+    saved = {}
+    def swap(obj, name, value):     # a fresh function per name: torch's dynamo rejects one object twice
+        saved[(obj, name)] = getattr(obj, name)
+        setattr(obj, name, value)
+    def eager(fn=None, **_):
+        return fn if fn is not None else (lambda f: f)
+    swap(torch, "compile", eager)
+    swap(torch, "autocast", lambda *a, **k: contextlib.nullcontext())
+    # Eager mode keeps caches (rotary tables) built under inference_mode, which autograd then refuses;
+    # compiled graphs on the pod never see that. no_grad computes the same values.
+    swap(torch, "inference_mode", lambda mode=True: torch.no_grad() if mode else contextlib.nullcontext())
+    for name in ("synchronize", "set_device", "reset_peak_memory_stats", "empty_cache"):
+        swap(torch.cuda, name, lambda *a, **k: None)
+    for name in ("max_memory_allocated", "max_memory_reserved", "memory_allocated"):
+        swap(torch.cuda, name, lambda *a, **k: 0)
+    try:
+        yield
+    finally:
+        for (obj, name), value in saved.items():
+            setattr(obj, name, value)
+        for m, mod in saved_mods.items():
+            sys.modules.pop(m, None) if mod is None else sys.modules.__setitem__(m, mod)
+
+
+def stage_data(workdir: Path, corpus: str, vocab: int = 1024) -> Path:
+    """data/ in the records' layout, linking one of our prepared corpora (train, val, tokenizer)."""
+    src = ROOT / "data" / "datasets" / f"{corpus}_sp{vocab}"
+    tok = ROOT / "data" / "tokenizers" / f"{corpus}_{vocab}_bpe.model"
+    if not (src.is_dir() and tok.is_file()):
+        raise SystemExit(f"error: corpus {corpus!r} at vocab {vocab} is not prepared ({src}) — run "
+                         f"data/prepare_local.py --vocab-size {vocab} (add --text-dir ... --name {corpus} for others)")
+    data = workdir / "data"
+    (data / "datasets" / f"fineweb10B_sp{vocab}").mkdir(parents=True, exist_ok=True)
+    (data / "tokenizers").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        for f in sorted(src.glob(f"{corpus}_{split}_*.bin")):
+            link = data / "datasets" / f"fineweb10B_sp{vocab}" / f.name.replace(f"{corpus}_", "fineweb_")
+            link.unlink(missing_ok=True)
+            link.symlink_to(f)
+    link = data / "tokenizers" / f"fineweb_{vocab}_bpe.model"
+    link.unlink(missing_ok=True)
+    link.symlink_to(tok)
+    return data
+
+
+def expected_steps(script: str, proxy: Proxy) -> int:
+    """Steps the run will take: fixed, or the wallclock over this machine's measured ms/step (MS_PER_STEP)."""
+    if proxy.steps:
+        return proxy.steps
+    ms = MS_PER_STEP.get((script, proxy.dim, proxy.batch_tokens))
+    if ms is None:
+        raise SystemExit(f"error: no measured ms/step for {script} at dim {proxy.dim} — run its smoke proxy and "
+                         f"add its step_avg to MS_PER_STEP")
+    return max(1, int(proxy.seconds * 1000 / ms))
+
+
+# Single-thread eager CPU-milliseconds per step (2-core x86_64, torch 2.13 CPU, dim 128, 8,192 tokens, sp1024):
+# train_time / steps of each script's steps200 run, seed 1337, loops on for their scheduled share, 2026-12-03.
+MS_PER_STEP: dict[tuple, float] = {("naive", 128, 8192): 1212, ("r0322", 128, 8192): 1641,
+                                   ("r0405", 128, 8192): 2550, ("r0409", 128, 8192): 3060,
+                                   ("r0427", 128, 8192): 3000}
+
+
+def vocab(name: str, proxy: Proxy) -> int:
+    return SCRIPTS[name].pod_vocab if proxy.own_vocab else 1024
+
+
+def script_env(name: str, proxy: Proxy, seed: int, data: Path, steps: int) -> dict[str, str]:
+    """The script's own knobs at the proxy's scale; schedules counted in steps scale with the run's length."""
+    s, v = SCRIPTS[name], vocab(name, proxy)
+    layers = max(2, round(s.pod_layers * proxy.depth))
+    env = {
+        "SEED": str(seed), "RUN_ID": f"{name}_s{seed}", "DATA_DIR": f"{data}/", "VOCAB_SIZE": str(v),
+        "DATA_PATH": f"{data}/datasets/fineweb10B_sp{v}", "TOKENIZER_PATH": f"{data}/tokenizers/fineweb_{v}_bpe.model",
+        "NUM_LAYERS": str(layers), "MODEL_DIM": str(proxy.dim), "EMBEDDING_DIM": str(proxy.dim),
+        "NUM_HEADS": str(proxy.heads), "NUM_KV_HEADS": str(proxy.kv_heads),
+        "TRAIN_SEQ_LEN": str(proxy.seq_len), "EVAL_SEQ_LEN": str(proxy.seq_len),
+        "ROPE_TRAIN_SEQ_LEN": str(proxy.seq_len), "TRAIN_BATCH_TOKENS": str(proxy.batch_tokens),
+        "VAL_BATCH_SIZE": str(proxy.batch_tokens), "VAL_BATCH_TOKENS": str(proxy.batch_tokens),
+        "ITERATIONS": str(proxy.steps or 1_000_000), "MAX_WALLCLOCK_SECONDS": str(proxy.seconds or 0),
+        "WARMUP_STEPS": "0", "TRAIN_LOG_EVERY": str(proxy.val_every), "VAL_LOSS_EVERY": str(proxy.val_every),
+        "GPTQ_RESERVE_SECONDS": "0", "SLIDING_WINDOW_ENABLED": "0",   # the plain score is the one compared
+        "ROPE_DIMS": str(16 * proxy.dim // proxy.heads // 64),       # 16 of 64 head dims on the pod: same share
+    }
+    for key, fracs in s.layer_env.items():
+        env[key] = ",".join(str(min(layers - 1, round(f * layers))) for f in fracs)
+    for key, value in {**getattr(extra_module(s), "ENV", {}), **s.env}.items():
+        # "@f": a count of layers as a fraction of the depth; "=expr": computed from the knobs set above
+        if value.startswith("@"):
+            value = str(max(1, round(eval(value[1:]) * layers)))
+        elif value.startswith("="):
+            value = str(eval(value[1:], {}, {k: int(v) for k, v in env.items() if v.lstrip("-").isdigit()}))
+        env[key] = value
+    ratio = steps / s.pod_steps
+    for key, pod_value in s.step_env.items():
+        env[key] = str(max(1, round(pod_value * ratio)))
+    if s.ema:   # the records' EMA (0.997 over ~5,000 steps) spans the same fraction of a short run
+        span = 1 / (1 - s.pod_ema) / s.pod_steps
+        env["EMA_DECAY"] = f"{1 - 1 / max(2.0, span * steps):.6f}"
+    return env
+
+
+CURVE = re.compile(r"^(?:step:)?(\d+)/\d+ val_loss:\s*([\d.]+) val_bpb:\s*([\d.]+)")
+
+
+def parse_log(text: str, final: str) -> dict:
+    """Steps, the val curve (step, bpb) and the final score the script printed under its own label."""
+    curve = [(int(m.group(1)), float(m.group(3))) for m in map(CURVE.match, text.splitlines()) if m]
+    finals = re.findall(rf"^{re.escape(final)} val_loss:\s*([\d.]+) val_bpb:\s*([\d.]+)", text, re.M)
+    steps = re.findall(r"stopping_early: wallclock_cap train_time:\s*\d+ms step:\s*(\d+)", text)
+    return {"final_bpb": float(finals[-1][1]) if finals else None,
+            "final_loss": float(finals[-1][0]) if finals else None,
+            "steps": int(steps[-1]) if steps else (curve[-1][0] if curve else None), "curve": curve}
+
+
+def run(name: str, proxy_name: str, seed: int, out: Path, threads: int = 1) -> dict:
+    """One patched run in its own process (the scripts keep global state); returns parse_log's dict."""
+    proxy, s = PROXIES[proxy_name], SCRIPTS[name]
+    out.mkdir(parents=True, exist_ok=True)
+    data = stage_data(out, proxy.corpus, vocab(name, proxy))
+    steps = expected_steps(name, proxy)
+    env = {**os.environ, **script_env(name, proxy, seed, data, steps), "OMP_NUM_THREADS": str(threads),
+           "PORT_CLOCK": proxy.clock}
+    log = out / f"{name}_{proxy_name}_s{seed}.txt"
+    t0 = time.time()
+    with open(log, "w") as fh:
+        rc = subprocess.run([sys.executable, __file__, "--exec", name], cwd=out, env=env, stdout=fh,
+                            stderr=subprocess.STDOUT).returncode
+    result = {"script": name, "proxy": proxy_name, "seed": seed, "seconds": round(time.time() - t0, 1),
+              "rc": rc, "pod_bpb": s.pod_bpb, **parse_log(log.read_text(errors="replace"), s.final)}
+    if rc != 0 or result["final_bpb"] is None:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty)"]
+        raise SystemExit(f"error: {name} seed {seed} failed (rc {rc}); see {log}: {tail[0][:200]}")
+    return result
+
+
+def exec_script(name: str) -> None:
+    """Child process: patch and run the record's code as __main__."""
+    import torch
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if os.environ.get("PORT_CLOCK") == "cpu":   # every script times itself with time.perf_counter
+        time.perf_counter = time.process_time
+    s = SCRIPTS[name]
+    src = patch_source(read_source(s), s, int(os.environ["MODEL_DIM"]))
+    path = Path(f"{name}_patched.py").resolve()   # in the run's scratch directory: what ran, for the record
+    path.write_text(src)
+    with cpu_runtime(s):
+        exec(compile(src, str(path), "exec"), {"__name__": "__main__", "__file__": str(path)})
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--script", choices=sorted(SCRIPTS))
+    ap.add_argument("--proxy", default="wall", choices=sorted(PROXIES))
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/proxy_fidelity"))
+    ap.add_argument("--exec", dest="exec_name", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.exec_name:
+        return exec_script(a.exec_name)
+    if not a.script:
+        ap.error("--script is required")
+    print(json.dumps(run(a.script, a.proxy, a.seed, a.out / f"{a.script}_{a.proxy}_s{a.seed}")))
+
+
+if __name__ == "__main__":
+    main()
