@@ -42,7 +42,7 @@ class Script:
     pod_steps: int          # steps its pod run took (its log), for scaling step-counted schedules
     pod_layers: int
     final: str              # the log label of its quantized score, plain (not sliding), before any TTT
-    layer_env: dict = field(default_factory=dict)  # env vars holding layer indices, as fractions of depth
+    layer_env: dict = field(default_factory=dict)  # layer indices as fractions of depth (loop ends: "=LOOP_START+n")
     env: dict = field(default_factory=dict)        # fixed settings (e.g. TTT off); see script_env
     step_env: dict = field(default_factory=dict)   # env var -> pod value of a step-counted schedule
     ema: str = ""           # "env" (EMA_DECAY), "text" (hard-coded 0.997) or "" (no EMA)
@@ -61,7 +61,7 @@ SCRIPTS: dict[str, Script] = {
                     step_env={"WARMDOWN_ITERS": 3500, "MUON_MOMENTUM_WARMUP_STEPS": 1500, "SWA_EVERY": 50},
                     ema="text"),
     "r0405": Script("2026-04-05_SP8192_GPTQ-Embeddings_SDClip_Loop45x2", "train_gpt_human.py", 1.0856, 4988, 11,
-                    "quantized", pod_vocab=8192, layer_env={"LOOP_START": (4 / 11,), "LOOP_END": (5 / 11,)},
+                    "quantized", pod_vocab=8192, layer_env={"LOOP_START": (4 / 11,)}, env={"LOOP_END": "=LOOP_START+1"},
                     step_env={"MUON_MOMENTUM_WARMUP_STEPS": 1500}, ema="env"),
     "r0409": Script("2026-04-09_SP8192_3LayerRecur_ParResid_QK525_LegalTTT", "train_gpt.py", 1.0810, 4557, 11,
                     "quantized", pod_vocab=8192,
