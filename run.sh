@@ -12,6 +12,8 @@ cd "$(dirname "$0")"
 bootstrap_python run.sh || exit 1
 PY=$PYTHON
 
+# PROFILE=record_0405: a published record's recipe through our knobs (experiments/profile.sh), on any path.
+case "${PROFILE:-}" in record_*) . experiments/profile.sh ;; esac
 case "${DRY_RUN:-0}" in
   1|true|yes|on)
     echo "run.sh: DRY_RUN: the config's parameters, depth, estimated artifact bytes and pod cost"
@@ -39,6 +41,11 @@ elif [ "$rehearsal" = 1 ]; then
   PROFILE=rehearsal
   . experiments/profile.sh
   exec "$PY" experiments/rehearsal.py
+elif [ "${PROFILE:-}" != "${PROFILE#record_}" ]; then
+  "$PY" data/prepare_local.py >/dev/null
+  export DATA_PATH=${DATA_PATH:-data/datasets/local_sp1024} TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/local_1024_bpe.model}
+  echo "run.sh: no CUDA device: PROFILE=$PROFILE at MODEL_DIM=$MODEL_DIM on $DATA_PATH (set the size knobs to scale it)"
+  "$PY" train_gpt.py
 else
   echo "run.sh: no CUDA device: running the CPU demo profile on the shipped demo corpus (experiments/profile.sh)"
   PROFILE=demo

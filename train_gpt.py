@@ -39,7 +39,6 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 # Config. Every knob is a field below, read from the environment variable of its upper-cased name; the
 # `#:` comment is its documentation (README's table is generated from it; comments cost no packed bytes).
 # A name that looks like a knob but is not one is an error, and so is a value out of its range.
-# ======================================================================================================
 
 def knob(default: Any, lo: float | None = None, hi: float | None = None, choices: tuple = (),
          model: bool = False) -> Any:
@@ -66,9 +65,12 @@ class Hyperparameters:
     num_flat_layers: int = knob(4, 0, 256, model=True)  #: unique flat blocks, run once, with U-Net skips
     num_crawler_layers: int = knob(2, 0, 64, model=True)  #: shared crawler blocks (0 = plain GPT)
     crawler_loops: int = knob(2, 1, 64, model=True)  #: times the crawler blocks run
-    #: where the crawler runs: after the flat stack, or at the U-Net bottleneck
-    crawler_position: str = knob("end", choices=("end", "bottleneck"), model=True)
-    loop_embed_scale: float = knob(0.01, 0, model=True)  #: norm of each QR-orthogonal loop embedding
+    #: where the crawler runs: after the flat stack (end), at the U-Net bottleneck, or after N flat blocks
+    crawler_position: str = knob("end", model=True)
+    #: U-Net skips join the flat blocks, or every block call (virtual, the records': split anew per loops)
+    skips: str = knob("flat", choices=("flat", "virtual"), model=True)
+    skip_gates: bool = knob(False, model=True)  #: gated skips: x <- lerp(w * skip, x, sigmoid(g)), g from 0
+    loop_embed_scale: float = knob(0.01, 0, model=True)  #: each loop embedding's norm (0: none, no parameter)
     loop_dt: float = knob(1.0, 0.01, 1, model=True)  #: contractive loops: x <- (1-dt) x + dt F(x) (1 = off)
     mlp_mult: float = knob(4.0, 0.25, 64, model=True)  #: flat MLP hidden = MLP_MULT * MODEL_DIM
     crawler_mlp_mult: float = knob(4.0, 0.25, 64, model=True)  #: crawler MLP hidden multiple
@@ -83,7 +85,11 @@ class Hyperparameters:
     qk_gain_init: float = knob(4.0, 0, model=True)  #: initial per-head query gain
     logit_softcap: float = knob(30.0, 0, model=True)  #: tanh soft cap on logits (0 = off)
     tied_embed_init_std: float = knob(0.005, 0, model=True)  #: std of the tied embedding at init
-    ln_scale: bool = knob(True, model=True)  #: block i's normed input times 1/sqrt(i+1) (i: effective depth)
+    ln_scale: bool = knob(True, model=True)  #: block i's normed input times 1/sqrt(i+1) (i: LN_SCALE_DEPTH)
+    #: LN_SCALE's i: the call's position (virtual), or the block's in the one-loop order (unique, the records)
+    ln_scale_depth: str = knob("virtual", choices=("virtual", "unique"), model=True)
+    #: blocks from this position of the one-loop order on run attention and MLP on one input (-1 = off)
+    parallel_start: int = knob(-1, -1, 4096, model=True)
     xsa_last_n: int = knob(-1, -1, 4096, model=True)  #: exclusive self attn, last N blocks (-1 all, 0 off)
     ngram_hash: str = knob("trigram", choices=("none", "bigram", "trigram"), model=True)  #: n-gram table
     ngram_buckets: int = knob(4096, 2, 2**24, model=True)  #: n-gram hash buckets
@@ -114,8 +120,12 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = knob(0.92, 0, 1)  #: Muon momentum at step 0
     muon_momentum_warmup_steps: int = knob(1500, 0, BIG)  #: steps to ramp the Muon momentum
     muon_backend_steps: int = knob(5, 1, 100)  #: Newton-Schulz iterations
+    #: Muon's Newton-Schulz coefficients: its fixed quintic, or Polar Express's minimax ones per step
+    muon_ns: str = knob("quintic", choices=("quintic", "polar"))
+    muon_row_norm: bool = knob(False)  #: MuonEq-R: the update's rows set to unit norm before Newton-Schulz
     muon_wd: float = knob(0.04, 0)  #: Muon decoupled weight decay
     adam_wd: float = knob(0.04, 0)  #: AdamW decoupled weight decay
+    embed_wd: float = knob(-1.0, -1)  #: AdamW weight decay of the embedding tables (-1 = ADAM_WD)
     beta1: float = knob(0.9, 0, 1)  #: Adam beta1
     beta2: float = knob(0.95, 0, 1)  #: Adam beta2
     adam_eps: float = knob(1e-8, 0, 1)  #: Adam epsilon
@@ -135,8 +145,7 @@ class Hyperparameters:
     quant: str = knob("gptq", choices=("rtn", "gptq"))  #: quantizer of the block matrices
     quant_k: float = knob(12.85, 0.5, 64)  #: SDClip: matrix clip in row stds (SIZE_TARGET=fit starts here)
     embed_quant_k: float = knob(20.0, 0.5, 64)  #: SDClip k of tables (the fit scales it as QUANT_K)
-    #: SDClip k per group: one k for all, or per group (embedding, each block, the rest) from the Hessian
-    #: traces at the byte target
+    #: SDClip k: one for all, or per group (embedding, each block, the rest) from the Hessian traces
     quant_alloc: str = knob("uniform", choices=("uniform", "hessian"))
     gptq_damp: float = knob(0.01, 0)  #: GPTQ damping, relative to the mean Hessian diagonal
     gptq_block_size: int = knob(128, 1, 65536)  #: GPTQ columns per lazy-update block
@@ -179,9 +188,10 @@ class Hyperparameters:
                               (not self.resume or self.run_id, "RESUME", "RESUME=1 needs RUN_ID"),
                               (self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "exceeds EVAL_SEQ_LEN"),
                               (self.crawler_mlp == "standard" or self.num_crawler_layers, "CRAWLER_MLP",
-                               "needs a crawler")):
+                               "needs a crawler"), (self.embed_wd == -1 or self.embed_wd >= 0, "EMBED_WD",
+                                                    "must be -1 (= ADAM_WD) or >= 0")):
             require(ok, var, what)
-        self.loops_schedule(), self.ve_block_ids()   # raise on a malformed value
+        self.loops_schedule(), self.ve_block_ids(), self.crawler_at   # raise on a malformed value
 
     def loops_schedule(self) -> list[tuple[float, int]]:
         """[(from fraction, loops)] in order; [(0, CRAWLER_LOOPS)] when no schedule is set."""
@@ -224,6 +234,14 @@ class Hyperparameters:
     def model_knobs(self) -> dict[str, Any]:
         """What the artifact stores to rebuild the network (no paths, run ids or blurbs)."""
         return {f.name: getattr(self, f.name) for f in knob_fields() if f.metadata["model"]}
+
+    @property
+    def crawler_at(self) -> int:
+        """Flat blocks that run before the crawler."""
+        pos, n = self.crawler_position, self.num_flat_layers
+        at = n if pos == "end" else n // 2 if pos == "bottleneck" else int(pos) if pos.isdigit() else -1
+        require(0 <= at <= n, "CRAWLER_POSITION", f"{pos!r}: expected end, bottleneck or 0..{n} flat blocks")
+        return at
 
     @property
     def effective_depth(self) -> int:
@@ -271,13 +289,13 @@ def parse_knob(f: dataclasses.Field, raw: str) -> Any:
 # Names other training scripts use (nanoGPT, Hugging Face's Trainer, upstream's and the seeds' train_gpt.py),
 # each with what this script uses instead, or why it has none: setting one is an error, not a silent no-op.
 _RENAMED = """ITERATIONS: ITERS NUM_ITERATIONS MAX_STEPS NUM_STEPS MAX_ITERS; NUM_HEADS: N_HEAD
-VOCAB_SIZE: VOCAB
+VOCAB_SIZE: VOCAB; SKIP_GATES: SKIP_GATES_ENABLED; MUON_ROW_NORM: MUON_ROW_NORMALIZE
 TRAIN_BATCH_TOKENS: TRAIN_BATCH_SIZE BATCH_SIZE PER_DEVICE_TRAIN_BATCH_SIZE; WARMUP_STEPS: WARMUP_ITERS
 TRAIN_SEQ_LEN: TRAIN_SEQ_LENGTH SEQ_LEN BLOCK_SIZE CONTEXT_LENGTH MAX_SEQ_LENGTH; COMPILE: TORCH_COMPILE
 VAL_LOSS_EVERY: VAL_EVERY EVAL_EVERY EVAL_INTERVAL EVAL_STEPS; MODEL_DIM: N_EMBD D_MODEL DIM HIDDEN_SIZE
 NUM_FLAT_LAYERS: NUM_LAYERS N_LAYER; CHECKPOINT_EVERY: CHECKPOINT SAVE_EVERY SAVE_STEPS; MIN_LR_SCALE: MIN_LR
 ACCUM_SPLITS: GRADIENT_ACCUMULATION_STEPS; WARMDOWN_ITERS: WARMDOWN_STEPS LR_DECAY_ITERS; QUANT=rtn: SKIP_GPTQ
-TRAIN_LOG_EVERY: LOG_EVERY LOG_INTERVAL LOGGING_STEPS
+TRAIN_LOG_EVERY: LOG_EVERY LOG_INTERVAL LOGGING_STEPS; PARALLEL_START: PARALLEL_RESIDUAL_START
 MAX_WALLCLOCK_SECONDS: MAX_WALLCLOCK_SECS WALLCLOCK_SECONDS
 GRAD_CLIP_NORM: GRAD_CLIP MAX_GRAD_NORM; EVAL_SEQ_LEN: EVAL_SEQ_LENGTH; TIED_EMBED_LR: EMBED_LR HEAD_LR
 NGRAM_DIM: BIGRAM_DIM TRIGRAM_DIM; CRAWLER_QUANT_INT8: CRAWLER_QUANT; GPTQ_LOOP_AWARE: LOOP_AWARE_GPTQ
@@ -285,7 +303,8 @@ CHOKE_DIM (with CRAWLER_MLP): CRAWLER_CHOKE_DIM; NUM_CRAWLER_LAYERS (0 = no craw
 NGRAM_HASH=bigram with NGRAM_BUCKETS: BIGRAM_VOCAB_SIZE
 NGRAM_HASH=trigram with NGRAM_BUCKETS: TRIGRAM_VOCAB_SIZE
 RESUME=1 with RUN_ID: RESUME_FROM INIT_FROM; LOG_DIR / ARTIFACT_DIR: OUTPUT_DIR OUT_DIR
-MATRIX_LR / SCALAR_LR / TIED_EMBED_LR: LR LEARNING_RATE; MUON_WD / ADAM_WD: WEIGHT_DECAY"""
+MATRIX_LR / SCALAR_LR / TIED_EMBED_LR: LR LEARNING_RATE; MUON_WD / ADAM_WD: WEIGHT_DECAY
+CRAWLER_POSITION / CRAWLER_LOOPS / CRAWLER_LOOPS_SCHEDULE: LOOP_START LOOP_END NUM_LOOPS ENABLE_LOOPING_AT"""
 ALIASES = {old: f"here it is {new}" for pair in _RENAMED.replace("\n", "; ").split("; ")
            for new, olds in [pair.split(": ")] for old in olds.split()} | dict.fromkeys(
     "TTT_BURST_ENABLED TTT_BURST_STEPS TTT_BURST_EPOCHS TTT_BURST_LR_FACTOR DISTILL_TEMP".split(),
@@ -359,12 +378,10 @@ class DistInfo:
             raise HyperparameterError("RANK/WORLD_SIZE/LOCAL_RANK: must be integers (torchrun sets them)") \
                 from None
 
-
 # ======================================================================================================
 # Errors, logs and files. An expected failure is a GolfError: main() prints `error: <message>` (rank 0) and
 # exits with its code, no traceback. Files are written to a temporary name and renamed; a write that fails
 # (a full disk) removes its temporary and leaves the old file as it was.
-# ======================================================================================================
 
 class GolfError(Exception):
     exit_code = 2
@@ -412,7 +429,6 @@ def write_atomic(path: Path, data: bytes, fix: str = "") -> None:
 
 class Logger:
     """Rank 0 prints and appends to logs/<RUN_ID>.txt; other ranks stay quiet."""
-
     def __init__(self, path: Path | None, append: bool = False):
         self.path = path
         if path is not None and not append:
@@ -430,7 +446,6 @@ class Logger:
 
 class Clock:
     """Seconds per named phase; the training phase's clock stops inside paused() (validation, checkpoints)."""
-
     def __init__(self, seconds: float = 0.0):
         self.banked, self.since, self.phases = seconds, None, {}
 
@@ -505,13 +520,11 @@ def packed_code() -> bytes:
     packed = base64.b85encode(compress_bytes(ast.unparse(tree).encode()))
     return PACKED_PREFIX + b'"' + packed + b'")))\n'
 
-
 # ======================================================================================================
 # Data. A shard is 256 little-endian int32 (magic, version, token count) then uint16 tokens; documents start
 # with BOS. Training samples windows of the train shards in a seeded random order, a new one each epoch (as
 # the records' loader; experiments/LOG.md, train_sampling); the val split is scored whole.
 # val_bpb charges each target token its UTF-8 bytes, read from the tokenizer's pieces (byte LUTs).
-# ======================================================================================================
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 SHARD_FIX = "rebuild it (python data/prepare_local.py --force) or fetch it (data/cached_challenge_fineweb.py)"
@@ -554,7 +567,6 @@ def shard_files(data_path: str, pattern: str, var: str) -> list[Path]:
 class ShuffledWindows:
     """As the records' loader: each epoch visits every (seq_len+1)-token window of every train shard once, at
     a phase and in an order drawn from (SEED, epoch); its position is two ints (epoch, index): resumable."""
-
     def __init__(self, files: list[Path], seq_len: int, seed: int):
         self.maps, self.seq_len, self.seed = [shard_tokens(f) for f in files], seq_len, seed
         self.seek(0, 0)
@@ -582,7 +594,6 @@ class ShuffledWindows:
 class DistributedTokenLoader:
     """One micro-batch for every rank from the shared window order: a step's tokens depend on ACCUM_SPLITS
     alone, never on how many processes share it (each rank reads only its own windows)."""
-
     def __init__(self, files: list[Path], dinfo: DistInfo, device: torch.device, hp: Hyperparameters):
         self.files, self.vocab_size, self.dinfo, self.device = files, hp.vocab_size, dinfo, device
         self.windows = ShuffledWindows(files, hp.train_seq_len, hp.seed)
@@ -660,13 +671,11 @@ def check_tokenizer_fits_shards(sp, val_tokens: Tensor, hp: Hyperparameters) -> 
     require(not ratios or agreement >= 0.99, "TOKENIZER_PATH", f"{path} re-encodes the val shards' text to "
             f"other ids (agreement {agreement:.3f}) — {fix}", DataError)
 
-
 # ======================================================================================================
-# Model. Embedding (+ hashed n-grams, SmearGate) -> flat encoder half, pushing U-Net skips -> [crawler at the
-# bottleneck] -> flat decoder half, popping them -> [crawler at the end] -> tied head with a logit soft cap.
-# The forward pass walks a schedule of firings built once per loop count, so "loops" is data: a crawler
-# block is one module called once per loop, and its gradient is the sum over the loops.
-# ======================================================================================================
+# Model. Embedding (+ hashed n-grams, SmearGate) -> flat blocks up to CRAWLER_POSITION -> the crawler blocks,
+# looped -> the other flat blocks -> tied head, logit soft cap; U-Net skips from the first half of the flat
+# blocks (or of all calls) to the second. The forward pass walks a schedule of firings built per loop count,
+# so "loops" is data: a crawler block is one module called once per loop; its gradient sums over the loops.
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
@@ -675,7 +684,6 @@ class CastedLinear(nn.Linear):
     """Weights stay fp32 for the optimizer; the matmul runs in the activation dtype. Late QAT puts the
     weight on its export grid: qat_bits is fixed before compiling and the 0/1 buffer qat_on switches it,
     so turning QAT on changes a tensor, never the graph (no recompile on the training clock)."""
-
     def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False):
         super().__init__(fan_in, fan_out, bias=False)
         self.qat_bits, self.qat_k = 0, 0.0
@@ -733,8 +741,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.q = CastedLinear(dim, heads * self.head_dim)
-        self.k = CastedLinear(dim, kv_heads * self.head_dim)
-        self.v = CastedLinear(dim, kv_heads * self.head_dim)
+        self.k, self.v = (CastedLinear(dim, kv_heads * self.head_dim) for _ in "kv")
         self.proj = CastedLinear(heads * self.head_dim, dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((heads,), qk_gain_init))
         self.backend = "sdpa"
@@ -787,7 +794,6 @@ class MLP(nn.Module):
 class ChokeMLP(MLP):
     """The crawler MLP with a per-loop bottleneck as its only way out (#1308's flat choke, the shape that won
     on the seeds' pod): out = up_l(act(down_l(act(up x)))), down_l: hidden -> CHOKE_DIM, up_l zero-init."""
-
     def __init__(self, dim: int, hp: Hyperparameters):
         super().__init__(dim, hp.crawler_mlp_mult, hp.mlp_act, hp.crawler_mlp_leaky_slope)
         self.down, loops = None, range(hp.crawler_loops)
@@ -808,12 +814,10 @@ class Block(nn.Module):
         # resid_mix[0] weighs the running stream, resid_mix[1] the embedding x0.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(hp.model_dim), torch.zeros(hp.model_dim))))
 
-    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], ln_scale: float, xsa: bool = False,
-                ve: Tensor | None = None, loop: int = 0) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * ln_scale, rope, xsa, ve)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * ln_scale, loop)
+    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], f: Firing, ve: Tensor | None):
+        x = self.resid_mix[0].to(x.dtype) * x + self.resid_mix[1].to(x.dtype) * x0
+        y = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * f.ln, rope, f.xsa, ve)
+        return y + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x if f.parallel else y) * f.ln, f.loop)
 
 NGRAM_PRIMES = (36313, 27191, 51647)  # one distinct prime per context position: equal tokens never cancel
 
@@ -844,7 +848,6 @@ class NGramHash(nn.Module):
 
 class SmearGate(nn.Module):
     """x_t += lam * sigmoid(W x_t[:k]) * x_{t-1}; lam starts at 0; nothing crosses into a new document."""
-
     def __init__(self, dim: int, k: int = 32):
         super().__init__()
         self.k = min(k, dim)
@@ -865,33 +868,32 @@ def orthonormal_rows(n: int, dim: int, seed: int) -> Tensor:
 class Firing:
     """One block call of the forward pass, in order. loop < 0: a flat block."""
     block: int               # index into CrawlerGPT.blocks (flat blocks first, then crawler blocks)
-    depth: int               # effective depth: picks the LN scale and whether XSA is on
     loop: int = -1
     enter: bool = False      # first crawler block of a loop: the loop embedding goes in
     leave: bool = False      # last crawler block of a loop: LOOP_DT steps from the loop's input towards it
     skip_in: int = -1        # U-Net skip weight added (from the last pushed skip) before the block
     skip_out: bool = False   # push the block's output as a U-Net skip
+    ln: float = 1.0          # LN_SCALE's factor on the block's normed inputs
+    xsa: bool = False        # exclusive self attention
+    parallel: bool = False   # attention and MLP read the same input
 
 def build_schedule(hp: Hyperparameters, loops: int) -> tuple[Firing, ...]:
-    """The forward pass as data: flat encoder half (pushing skips), [crawler], flat decoder, [crawler]."""
-    n_flat, n_crawl, out = hp.num_flat_layers, hp.num_crawler_layers, []
-    n_enc = n_flat // 2
-    n_skip = min(n_enc, n_flat - n_enc)
-
-    def add(block: int, **kw) -> None:
-        out.append(Firing(block, len(out), **kw))
-
-    def crawl(position: str) -> None:
-        for loop in range(loops if n_crawl and hp.crawler_position == position else 0):
-            for c in range(n_crawl):
-                add(n_flat + c, loop=loop, enter=c == 0, leave=c == n_crawl - 1)
-
-    for i in range(n_enc):
-        add(i, skip_out=True)
-    crawl("bottleneck")
-    for j in range(n_flat - n_enc):
-        add(n_enc + j, skip_in=j if j < n_skip else -1)
-    crawl("end")
+    """The forward pass as data: flat blocks up to CRAWLER_POSITION, the crawler `loops` times, the other flat
+    blocks. The U-Net joins the flat calls (SKIPS=flat) or all: the first half push skips, the rest pop."""
+    n_flat, n_crawl, at, depth = hp.num_flat_layers, hp.num_crawler_layers, hp.crawler_at, hp.effective_depth
+    crawl = [(n_flat + c, loop) for loop in range(loops) for c in range(n_crawl)]
+    calls = [(b, -1) for b in range(at)] + crawl + [(b, -1) for b in range(at, n_flat)]
+    joined = [d for d, (_, loop) in enumerate(calls) if hp.skips == "virtual" or loop < 0]
+    n_enc, n_xsa = len(joined) // 2, depth if hp.xsa_last_n < 0 else hp.xsa_last_n
+    pops = {d: j for j, d in enumerate(joined[n_enc:]) if j < n_enc}
+    out = []
+    for d, (b, loop) in enumerate(calls):
+        unique = b if b < at else b + n_crawl if b < n_flat else at + b - n_flat
+        i = d if hp.ln_scale_depth == "virtual" else unique
+        ln = 1.0 / math.sqrt(i + 1) if hp.ln_scale else 1.0
+        out.append(Firing(b, loop, loop >= 0 and b == n_flat, loop >= 0 and b == n_flat + n_crawl - 1,
+                          pops.get(d, -1), d in joined[:n_enc], ln, d >= depth - n_xsa,
+                          0 <= hp.parallel_start <= unique))
     return tuple(out)
 
 class CrawlerGPT(nn.Module):
@@ -912,16 +914,15 @@ class CrawlerGPT(nn.Module):
         order = {"bigram": 2, "trigram": 3}.get(hp.ngram_hash)
         self.ngram = NGramHash(order, hp.ngram_buckets, hp.ngram_dim, dim, hp.vocab_size) if order else None
         self.smear = SmearGate(dim) if hp.smear_gate else None
-        self.skip_weights = nn.Parameter(torch.ones(min(n_flat // 2, n_flat - n_flat // 2), dim))
+        self.schedules = {n: build_schedule(hp, n) for n in range(1, hp.crawler_loops + 1)}
+        n_skip = max(f.skip_in for f in self.schedules[hp.crawler_loops]) + 1
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, dim))
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, dim)) if hp.skip_gates else None
         self.rotary = Rotary(dim // hp.num_heads, hp.rope_dims, hp.rope_base)
         # one QR-orthogonal vector a loop, added to the crawler's input as the loop starts
         embeds = orthonormal_rows(hp.crawler_loops, dim, hp.seed) * hp.loop_embed_scale
-        self.loop_embed = nn.Parameter(embeds) if hp.num_crawler_layers else None
+        self.loop_embed = nn.Parameter(embeds) if hp.num_crawler_layers and hp.loop_embed_scale else None
         self.blocks = [*self.flat, *self.crawler]   # a plain list: the ModuleLists above own the modules
-        self.schedules = {n: build_schedule(hp, n) for n in range(1, hp.crawler_loops + 1)}
-        depth, n_xsa = hp.effective_depth, hp.effective_depth if hp.xsa_last_n < 0 else hp.xsa_last_n
-        self.ln_scales = [1.0 / math.sqrt(i + 1) if hp.ln_scale else 1.0 for i in range(depth)]
-        self.xsa_at = [i >= depth - n_xsa for i in range(depth)]
 
     def tables(self) -> list[nn.Parameter]:
         """Embedding tables: their own Adam, their own storage kind."""
@@ -953,11 +954,11 @@ class CrawlerGPT(nn.Module):
         skips = []
         for f in self.schedules[loops or self.hp.crawler_loops]:
             if f.skip_in >= 0:
-                x = x + self.skip_weights[f.skip_in].to(x.dtype) * skips.pop()
+                skip, gates = self.skip_weights[f.skip_in].to(x.dtype) * skips.pop(), self.skip_gates
+                x = x + skip if gates is None else torch.lerp(skip, x, gates[f.skip_in].sigmoid().to(x.dtype))
             if f.enter:
-                anchor, x = x, x + self.loop_embed[f.loop].to(x.dtype)
-            ln, xsa = self.ln_scales[f.depth], self.xsa_at[f.depth]
-            x = self.blocks[f.block](x, x0, rope, ln, xsa, ve, max(f.loop, 0))
+                anchor, x = x, x if self.loop_embed is None else x + self.loop_embed[f.loop].to(x.dtype)
+            x = self.blocks[f.block](x, x0, rope, f, ve)
             if f.leave and self.hp.loop_dt < 1:   # contractive: a step of size dt towards F(x), not a jump
                 x = (1 - self.hp.loop_dt) * anchor + self.hp.loop_dt * x
             if f.skip_out:
@@ -989,33 +990,39 @@ class CrawlerGPT(nn.Module):
 def count_unique_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() visits a shared tensor once
 
-
 # ======================================================================================================
 # Optimizers. Matrices of linear maps: Muon (momentum, then Newton-Schulz orthogonalisation; each rank
 # orthogonalises a share and one all-reduce spreads the updates). Embedding tables: AdamW at their own LR.
 # Gains, vectors and loop embeddings: AdamW. Routing is by what owns a parameter, never by its name.
-# ======================================================================================================
 
-NS5_COEFFS = (3.4445, -4.7750, 2.0315)
+# (a, b, c) of x <- a x + (b G + c G^2) x, step by step; the last repeats. Polar Express (Amsel et al. 2025,
+# arXiv:2505.16932): each step's minimax-optimal quintic, as PR #1344 and the records since 2026-04 use them.
+NS_COEFFS = {"quintic": ((3.4445, -4.7750, 2.0315),),
+             "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                       (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                       (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                       (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))}
 
-def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
+def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype | None = None,
+                   coeffs: tuple = NS_COEFFS["quintic"]) -> Tensor:
     """Approximately orthogonalise a matrix (all singular values pushed near 1); bf16 on a GPU."""
-    a, b, c = NS5_COEFFS
     x = grad.to(dtype or (torch.bfloat16 if grad.is_cuda else torch.float32))
     x = x / (x.norm() + eps)
     transposed = x.size(0) > x.size(1)
     if transposed:
         x = x.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if transposed else x
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1, orthogonalize=newton_schulz5):
+                 rank: int = 0, world_size: int = 1, orthogonalize=newton_schulz5, row_norm: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay, nesterov=True))
+                                      weight_decay=weight_decay, nesterov=True, row_norm=row_norm))
         self.rank, self.world_size, self.orthogonalize = rank, world_size, orthogonalize
         self.flat = []   # buffers allocated once, not on every step
         for group in self.param_groups:
@@ -1049,6 +1056,7 @@ class Muon(torch.optim.Optimizer):
         buf = self.state[p]["momentum_buffer"]
         buf.mul_(group["momentum"]).add_(p.grad)
         g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype) if group["row_norm"] else g
         g = self.orthogonalize(g, group["backend_steps"])
         return g * max(1.0, p.size(0) / p.size(1)) ** 0.5
 
@@ -1062,27 +1070,26 @@ def route_params(model: CrawlerGPT) -> dict[str, list[tuple[str, nn.Parameter]]]
 
 def build_optimizers(model: CrawlerGPT, hp: Hyperparameters, dinfo: DistInfo, compiled: bool = False) -> list:
     groups = route_params(model)
-    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd,
-                fused=next(model.parameters()).is_cuda)
-    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW([p for _, p in groups[g]], lr=lr, **adam)
-                                         for g, lr in (("embed", hp.tied_embed_lr), ("scalar", hp.scalar_lr))]
+    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=next(model.parameters()).is_cuda)
+    wd = {"embed": hp.adam_wd if hp.embed_wd < 0 else hp.embed_wd, "scalar": hp.adam_wd}
+    opts: list = [torch.optim.AdamW([p for _, p in groups[g]], lr=lr, weight_decay=wd[g], **adam)
+                  for g, lr in (("embed", hp.tied_embed_lr), ("scalar", hp.scalar_lr))]
     if groups["muon"]:
         ortho = torch.compile(newton_schulz5, backend=hp.compile_backend, fullgraph=True, dynamic=True) \
             if compiled else newton_schulz5
         opts.append(Muon([p for _, p in groups["muon"]], hp.matrix_lr, hp.muon_momentum,
-                         hp.muon_backend_steps, hp.muon_wd, dinfo.rank, dinfo.world_size, ortho))
+                         hp.muon_backend_steps, hp.muon_wd, dinfo.rank, dinfo.world_size,
+                         functools.partial(ortho, coeffs=NS_COEFFS[hp.muon_ns]), hp.muon_row_norm))
     for opt in opts:
         for g in opt.param_groups:
             g["base_lr"] = g["lr"]
     return opts
-
 
 # ======================================================================================================
 # Training. The clock runs only inside the step loop (validation and checkpoints pause it) and stops
 # GPTQ_RESERVE_SECONDS short of the cap, keeping time for calibration. The LR holds, then decays linearly
 # over the warmdown; late QAT switches on below its threshold; an EMA averages the weights. A
 # checkpoint holds everything a resumed run needs to continue bit for bit.
-# ======================================================================================================
 
 def steps_left(hp: Hyperparameters, step: int, elapsed_s: float) -> float:
     """Steps still to run: bounded by ITERATIONS and by the wallclock cap at the current step rate."""
@@ -1103,7 +1110,6 @@ def muon_momentum(hp: Hyperparameters, step: int) -> float:
 
 class EMA:
     """The exported average of the state dict, warmed up as min(EMA_DECAY, (1+t)/(10+t)) for short runs."""
-
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
         self.weights = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if decay else {}
@@ -1364,20 +1370,18 @@ def unused_at_one_loop(model: CrawlerGPT) -> list[str]:
     probe(ids, ids, loops=1).backward()
     return [n for n, p in probe.named_parameters() if p.grad is None]
 
-
 # ======================================================================================================
 # Export. Each matrix becomes per-row int6 (int8 for tables) on an SDClip grid: clip c = k * std(row), scale
 # c / qmax, fp16 row scales; GPTQ feeds each column's rounding error forward through the inverse Hessian of
 # its inputs. Loop-aware: what runs in every loop is quantized second, on Hessians taken through the
 # already-quantized rest. SIZE_TARGET=fit searches k so the packed bytes land under the cap. The container
 # is checksummed and loads with torch.load(weights_only=True): loading never runs code.
-# ======================================================================================================
 
 FLOAT_KINDS = {"fp16": torch.float16, "fp32": torch.float32}
 QUANT_KINDS = {"int6": 6, "int8": 8}
 ARTIFACT_MAGIC, ARTIFACT_VERSION, BROTLI_ID, DIGEST_BYTES = b"CGLF", 2, 2, 32
 # Gains that multiply the residual stream keep fp32; other vectors are stored as fp16.
-CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_weights", "loop_embed")
+CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_", "loop_embed")
 # The fit search's range for k (clip in row stds). Below about 4 std an int6 grid clips so much of a
 # Gaussian row that it gets worse *and* larger; beyond 64 there is nothing left to save.
 K_MIN, K_MAX = 4.0, 64.0
@@ -1873,12 +1877,10 @@ def load_artifact(path: str | Path) -> tuple[CrawlerGPT, dict]:
         raise ArtifactError(f"{path}: its tensors do not fit the model in its header ({err})") from None
     return model, meta
 
-
 # ======================================================================================================
 # Evaluation. val_bpb = summed token NLL in nats / ln 2 / summed UTF-8 bytes of the targets, in float64,
 # all-reduced over ranks. Sliding windows of EVAL_SEQ_LEN advance by EVAL_STRIDE; each target is scored
 # once, by the window that gives it the most context.
-# ======================================================================================================
 
 def bits_per_byte(nll_nats: float, num_bytes: float) -> float:
     return nll_nats / math.log(2) / num_bytes
@@ -1965,12 +1967,10 @@ def score_artifact(path: Path, hp: Hyperparameters, data: RunData, dinfo: DistIn
     return {"post_quant_val_bpb": out["post_quant_val_bpb"], "val_bpb": out[f"{last}_val_bpb"],
             "val_loss": out[f"{last}_val_loss"]}
 
-
 # ======================================================================================================
 # The run: checks, then train, export, score (or EVAL_ONLY: score). The preflight checks everything that
 # can fail before the first step: knobs, data (every shard), tokenizer, folders and their free space, the
 # cap against the packed script, the compressor and the attention backend.
-# ======================================================================================================
 
 @dataclass
 class RunData:

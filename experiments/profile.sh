@@ -88,13 +88,32 @@ case "$PROFILE" in
       export TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-50}"
     fi
     ;;
+  record_0405)
+    # The 2026-04-05 record (1.0856 on 8xH100; records/track_10min_16mb/2026-04-05_SP8192_GPTQ-Embeddings_SDClip_
+    # Loop45x2, its train_seed1337.log) through our knobs: 11 unique 512-wide blocks, blocks 4-5 run 3 times
+    # once half the training time has passed, sigmoid-gated U-Net skips over the block calls, LN scale by unique
+    # position, no loop embedding, no n-gram or value embeddings; MuonEq-R. Still ours: sp1024 (issue 23), the
+    # embedding's rounding and the clip fit (issue 23), no test-time training (issue 24). Pod sizes: set the
+    # size knobs yourself to run it smaller.
+    export NUM_FLAT_LAYERS="${NUM_FLAT_LAYERS:-9}" NUM_CRAWLER_LAYERS="${NUM_CRAWLER_LAYERS:-2}"
+    export CRAWLER_LOOPS="${CRAWLER_LOOPS:-3}" CRAWLER_POSITION="${CRAWLER_POSITION:-4}"
+    export CRAWLER_LOOPS_SCHEDULE="${CRAWLER_LOOPS_SCHEDULE-0:1,0.5:3}"
+    export MODEL_DIM="${MODEL_DIM:-512}" NUM_HEADS="${NUM_HEADS:-8}" NUM_KV_HEADS="${NUM_KV_HEADS:-4}"
+    export MLP_MULT="${MLP_MULT:-4}" CRAWLER_MLP_MULT="${CRAWLER_MLP_MULT:-4}" QK_GAIN_INIT="${QK_GAIN_INIT:-4}"
+    export SKIPS="${SKIPS:-virtual}" SKIP_GATES="${SKIP_GATES:-1}" LN_SCALE_DEPTH="${LN_SCALE_DEPTH:-unique}"
+    export LOOP_EMBED_SCALE="${LOOP_EMBED_SCALE:-0}" NGRAM_HASH="${NGRAM_HASH:-none}" VE_DIM="${VE_DIM:-0}" XSA_LAST_N="${XSA_LAST_N:--1}"
+    export MATRIX_LR="${MATRIX_LR:-0.02}" SCALAR_LR="${SCALAR_LR:-0.02}" TIED_EMBED_LR="${TIED_EMBED_LR:-0.03}"
+    export MUON_ROW_NORM="${MUON_ROW_NORM:-1}" MUON_WD="${MUON_WD:-0.085}" EMBED_WD="${EMBED_WD:-0.085}"
+    export ADAM_WD="${ADAM_WD:-0.02}" WARMDOWN_FRAC="${WARMDOWN_FRAC:-0.667}" LATE_QAT_THRESHOLD="${LATE_QAT_THRESHOLD:-0}"
+    export GPTQ_RESERVE_SECONDS="${GPTQ_RESERVE_SECONDS:-12}" EMA_DECAY="${EMA_DECAY:-0.997}"
+    ;;
   rehearsal)
     export ITERATIONS="${ITERATIONS:-2}" WARMUP_STEPS="${WARMUP_STEPS:-2}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"
     export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-0}" ACCUM_SPLITS="${ACCUM_SPLITS:-1}" GPTQ_CALIB_BATCHES="${GPTQ_CALIB_BATCHES:-2}"
     export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-${TRAIN_SEQ_LEN:-2048}}"   # one sequence a step
     ;;
   *)
-    echo "PROFILE=$PROFILE: expected pod, demo, cpu or rehearsal" >&2
+    echo "PROFILE=$PROFILE: expected pod, demo, cpu, rehearsal or record_0405" >&2
     exit 2
     ;;
 esac

@@ -25,6 +25,7 @@ FAKE_PYTHON = r"""#!/bin/bash
 home=$(cd "$(dirname "$0")/.." && pwd)
 args="$*"
 echo "$0 ${args//$'\n'/ }" >>"$FAKE_LOG"
+[[ -n "$FAKE_ENV_LOG" && "$1" == *.py ]] && env >"$FAKE_ENV_LOG"   # what a script would see
 if [ "$1" = -c ]; then
   [ -n "$2" ] || exit 0                       # "does it run at all"
   if [ -e "$home/old" ]; then echo "old 3.8.10"; exit 1; fi
@@ -386,6 +387,21 @@ def test_run_sh_runs_its_python_step_with_the_bootstrapped_python(box):
     # DRY_RUN's script (train_gpt.py or a helper under experiments/) under .venv's python
     assert re.fullmatch(rf"{re.escape(str(box.repo))}/\.venv/bin/python [\w/]+\.py", res.calls[-1])
     assert res.stdout.startswith("run.sh: python3 3.11.9 lacks torch, numpy, sentencepiece and ")
+
+
+def test_run_sh_applies_a_record_profile_to_dry_run_and_to_a_cpu_run(box, tmp_path):
+    (box.repo / "experiments").mkdir()
+    shutil.copy(ROOT / "experiments" / "profile.sh", box.repo / "experiments" / "profile.sh")
+    seen = tmp_path / "env.txt"
+    for env, script in (({"DRY_RUN": "1"}, "experiments/cost_model.py"), ({}, "train_gpt.py")):
+        res = box.run(["bash", "run.sh"], PROFILE="record_0405", FAKE_ENV_LOG=str(seen), MODEL_DIM="256", **env)
+        calls = [c.split()[-1] for c in res.calls if c.split()[-1].endswith(".py")]
+        assert script in calls, (calls, res.stderr)   # records.py runs after train_gpt.py
+        exported = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+        assert exported["SKIPS"] == "virtual" and exported["CRAWLER_POSITION"] == "4", env
+        assert exported["MODEL_DIM"] == "256"   # a value the user set wins
+        if not env:   # without CUDA: the demo corpus, not the demo profile
+            assert exported["DATA_PATH"] == "data/datasets/local_sp1024" and "NUM_FLAT_LAYERS=9" in seen.read_text()
 
 
 def _lock_entries(text):

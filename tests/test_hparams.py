@@ -64,6 +64,16 @@ def test_defaults_are_valid_and_env_overrides_types():
     ({"SWA_EVERY": "50"}, "SWA_EVERY: not a knob.*replaced it by the EMA"),
     ({"RESUME": "1"}, "RESUME"),                                  # needs an explicit RUN_ID
     ({"GPTQ_RESERVE_SECONDS": "600"}, "GPTQ_RESERVE_SECONDS"),
+    ({"EMBED_WD": "-0.5"}, "EMBED_WD.*-1 \\(= ADAM_WD\\) or >= 0"),
+    ({"MUON_NS": "cubic"}, "MUON_NS"),
+    ({"MUON_ROW_NORM": "2"}, "MUON_ROW_NORM"),
+    ({"MUON_ROW_NORMALIZE": "1"}, "here it is MUON_ROW_NORM"),   # the records' names point to ours
+    ({"SKIP_GATES_ENABLED": "1"}, "here it is SKIP_GATES"),
+    ({"LOOP_START": "3"}, "here it is CRAWLER_POSITION / CRAWLER_LOOPS / CRAWLER_LOOPS_SCHEDULE"),
+    ({"SKIPS": "unet"}, "SKIPS"),
+    ({"LN_SCALE_DEPTH": "physical"}, "LN_SCALE_DEPTH"),
+    ({"PARALLEL_START": "-2"}, "PARALLEL_START"),
+    ({"LOOP_EMBED": "0"}, "LOOP_EMBED: not a knob"),
 ])
 def test_bad_values_name_the_variable(env, var):
     if var is None:

@@ -187,3 +187,28 @@ def test_own_vocab_proxy_shares_its_twins_sp1024_runs():
     assert env["VOCAB_SIZE"] == "8192" and env["TOKENIZER_PATH"].endswith("fineweb_8192_bpe.model")
     assert port.script_env("naive", port.PROXIES["steps200v"], 1, Path("/d"), 200) == \
         port.script_env("naive", port.PROXIES["steps200"], 1, Path("/d"), 200)
+
+
+def test_ours_runs_the_record_profile_at_its_twins_scale():
+    """ours_r0405 is train_gpt.py under PROFILE=record_0405, scaled as port.py scales the 2026-04-05 script:
+    the same width, data, steps and schedules, and the same model: the twin's log printed model_params:1216792
+    and encoder:[0, 1, 2, 3, 2] decoder:[3, 2, 3, 4, 5] at this scale (steps200, seed 1337, 2026-12-03)."""
+    import train_gpt as tg
+    proxy, data = port.PROXIES["steps200"], Path("/d")
+    ours, theirs = port.ours_env("ours_r0405", proxy, 7, data, 200, Path("/w")), port.script_env("r0405", proxy, 7,
+                                                                                                  data, 200)
+    for k in ("MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "ROPE_DIMS", "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS",
+              "ITERATIONS", "DATA_PATH", "TOKENIZER_PATH", "EMA_DECAY", "MUON_MOMENTUM_WARMUP_STEPS", "SEED"):
+        assert ours[k] == theirs[k], k
+    assert ours["EVAL_STRIDE"] == ours["EVAL_SEQ_LEN"] and ours["SIZE_TARGET"] == "none"   # its plain fixed-clip score
+    hp = tg.Hyperparameters.from_env({k: v for k, v in ours.items() if k in set(tg.knob_names())})
+    assert tg.count_unique_params(tg.CrawlerGPT(hp)) == 1_216_792
+    one = [f.block for f in tg.build_schedule(hp, 1)]
+    looped = [(one.index(f.block), f.skip_out) for f in tg.build_schedule(hp, hp.crawler_loops)]
+    assert [b for b, push in looped if push] == [0, 1, 2, 3, 2]
+    assert [b for b, push in looped if not push] == [3, 2, 3, 4, 5]
+    assert port.spec("ours_r0405") is port.SCRIPTS["r0405"]
+    rows = [{"script": s, "proxy": "p", "seed": 1, "final_bpb": port.spec(s).pod_bpb, "steps": 200, "seconds": 1.0,
+             "curve": None, "pod_bpb": port.spec(s).pod_bpb} for s in [*port.SCRIPTS, "ours_r0405"]]
+    rows[-1]["final_bpb"] = 9.0   # ours is shown beside its twin but does not count in tau
+    assert calibrate.report(pd.DataFrame(rows)).split("| p |")[1].splitlines()[0].endswith("+1.00 |")

@@ -31,8 +31,9 @@ def test_xsa_changes_output_and_off_is_identity():
     x = ids()
     off, on = make_model(XSA_LAST_N=0), make_model(XSA_LAST_N=-1)
     assert_differs(off, on, x)
-    assert make_model(XSA_LAST_N=2).xsa_at == [False, False, True, True]     # last 2 of depth 4
-    assert make_model(XSA_LAST_N=0).xsa_at == [False] * 4
+    xsa_at = lambda n: [f.xsa for f in make_model(XSA_LAST_N=n).schedules[2]]   # noqa: E731
+    assert xsa_at(2) == [False, False, True, True] and xsa_at(0) == [False] * 4   # last 2 of depth 4
+    assert [f.xsa for f in make_model(XSA_LAST_N=2).schedules[1]] == [False, False, True]   # one loop: by depth
 
 
 def test_xsa_is_gqa_aware_and_removes_the_self_value_component():

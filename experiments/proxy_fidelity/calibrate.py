@@ -43,7 +43,7 @@ def power_law(s, a, b, c):
 def extrapolate(curve: list, script: str, proxy: port.Proxy) -> float:
     """The fitted val curve at the step where this run would have seen the pod run's tokens."""
     s, y = np.array([p[0] for p in curve if p[0] > 0], float), np.array([p[1] for p in curve if p[0] > 0], float)
-    spec = port.SCRIPTS[script]
+    spec = port.spec(script)
     target = spec.pod_steps * POD_BATCH_TOKENS.get(script, 786_432) / proxy.batch_tokens
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -58,7 +58,7 @@ def with_derived(df: pd.DataFrame) -> pd.DataFrame:
     for name, proxy in port.PROXIES.items():
         twin = next((t for t, p in port.PROXIES.items() if p == replace(proxy, own_vocab=False)), None)
         if proxy.own_vocab and twin:
-            same = df[(df.proxy == twin) & df.script.map(lambda s: port.SCRIPTS[s].pod_vocab == 1024)]
+            same = df[(df.proxy == twin) & df.script.map(lambda s: port.spec(s).pod_vocab == 1024)]
             df = pd.concat([df, same.assign(proxy=name)], ignore_index=True)
     ext = df[df.curve.map(lambda c: isinstance(c, list) and len(c) >= 4)].copy()
     ext["final_bpb"] = [extrapolate(c, s, port.PROXIES[p]) for c, s, p in zip(ext.curve, ext.script, ext.proxy)]
@@ -75,15 +75,16 @@ def report(df: pd.DataFrame) -> str:
     g = df.groupby(["proxy", "script"]).final_bpb
     table = pd.DataFrame({"mean": g.mean(), "std": g.std(), "n": g.size(), "steps": df.groupby(
         ["proxy", "script"]).steps.mean()}).reset_index()
-    table["pod"] = table.script.map(lambda s: port.SCRIPTS[s].pod_bpb)
-    order = sorted(table.script.unique(), key=lambda s: -port.SCRIPTS[s].pod_bpb)
-    lines = ["| proxy | " + " | ".join(f"{s} (pod {port.SCRIPTS[s].pod_bpb})" for s in order) + " | tau |",
+    table["pod"] = table.script.map(lambda s: port.spec(s).pod_bpb)
+    order = sorted(table.script.unique(), key=lambda s: (-port.spec(s).pod_bpb, s in port.OURS))
+    lines = ["| proxy | " + " | ".join(f"{s} (pod {port.spec(s).pod_bpb})" for s in order) + " | tau |",
              "|---|" + "---|" * (len(order) + 1)]
     for proxy, t in table.groupby("proxy"):
         t = t.set_index("script")
         cells = [f"{t.at[s, 'mean']:.4f} ± {t.at[s, 'std']:.4f} (n {t.at[s, 'n']}, {t.at[s, 'steps']:.0f} st)"
                  if s in t.index else "—" for s in order]
-        lines.append(f"| {proxy} | " + " | ".join(cells) + f" | {kendall(t['pod'], t['mean']):+.2f} |")
+        published = t[~t.index.isin(list(port.OURS))]   # ours are the twins' stand-ins, not pod results
+        lines.append(f"| {proxy} | " + " | ".join(cells) + f" | {kendall(published['pod'], published['mean']):+.2f} |")
     return "\n".join(lines)
 
 
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=["run", "report"])
     ap.add_argument("--proxy", choices=sorted(port.PROXIES))
-    ap.add_argument("--scripts", default=",".join(port.SCRIPTS))
+    ap.add_argument("--scripts", default=",".join(port.SCRIPTS))   # add ours_r0405 etc. (port.OURS) by name
     ap.add_argument("--seeds", default="1337,42,7")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--results", type=Path, default=RESULTS)

@@ -97,6 +97,8 @@ PROXIES: dict[str, Proxy] = {
     "wall": Proxy(seconds=331.0),                     # today's: the demo's wallclock at the demo's scale
     "steps200": Proxy(steps=200, val_every=25),       # equal steps (1.6M tokens each), schedules scaled to 200
     "steps200v": Proxy(steps=200, val_every=25, own_vocab=True),   # the same, each at its own vocabulary
+    "steps200_vimdoc": Proxy(steps=200, val_every=25, corpus="vimdoc"),   # the same two on the second corpus
+    "steps200v_vimdoc": Proxy(steps=200, val_every=25, corpus="vimdoc", own_vocab=True),
     "smoke": Proxy(steps=6, val_every=3),             # a port check and a ms/step timing
 }
 
@@ -273,7 +275,7 @@ def expected_steps(script: str, proxy: Proxy) -> int:
     """Steps the run will take: fixed, or the wallclock over this machine's measured ms/step (MS_PER_STEP)."""
     if proxy.steps:
         return proxy.steps
-    ms = MS_PER_STEP.get((script, proxy.dim, proxy.batch_tokens))
+    ms = MS_PER_STEP.get((OURS[script][1] if script in OURS else script, proxy.dim, proxy.batch_tokens))
     if ms is None:
         raise SystemExit(f"error: no measured ms/step for {script} at dim {proxy.dim} — run its smoke proxy and "
                          f"add its step_avg to MS_PER_STEP")
@@ -288,12 +290,47 @@ MS_PER_STEP: dict[tuple, float] = {("naive", 128, 8192): 1212, ("r0322", 128, 81
 
 
 def vocab(name: str, proxy: Proxy) -> int:
-    return SCRIPTS[name].pod_vocab if proxy.own_vocab else 1024
+    return spec(name).pod_vocab if proxy.own_vocab else 1024
+
+
+# Our train_gpt.py under a record's PROFILE, as a member of the set: scaled exactly as that record's own script
+# (its twin) is, so the two runs differ only where our code does. Its pod score is the twin's, not a result.
+OURS: dict[str, tuple[str, str]] = {"ours_r0405": ("record_0405", "r0405")}
+
+
+def spec(name: str) -> Script:
+    """The published script, or for one of OURS its twin's."""
+    return SCRIPTS[OURS[name][1]] if name in OURS else SCRIPTS[name]
+
+
+def profile_env(profile: str) -> dict[str, str]:
+    """What experiments/profile.sh exports for PROFILE=profile, the environment's own variables left out."""
+    out = subprocess.run(["bash", "-c", f"PROFILE={profile}; . experiments/profile.sh; env -0"], cwd=ROOT,
+                         env={"PATH": os.environ.get("PATH", "")}, capture_output=True, text=True, check=True)
+    return {k: v for k, v in (kv.split("=", 1) for kv in out.stdout.split("\0") if "=" in kv)
+            if k not in ("PATH", "PWD", "SHLVL", "_", "OLDPWD")}
+
+
+def ours_env(name: str, proxy: Proxy, seed: int, data: Path, steps: int, work: Path) -> dict[str, str]:
+    """The profile's knobs, then the twin's scale, schedules and clips in our knobs' names."""
+    profile, twin = OURS[name]
+    theirs = script_env(twin, proxy, seed, data, steps)
+    start, end = int(theirs["LOOP_START"]), int(theirs["LOOP_END"])
+    same = ("SEED", "VOCAB_SIZE", "DATA_PATH", "TOKENIZER_PATH", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS",
+            "ROPE_DIMS", "TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "TRAIN_BATCH_TOKENS", "ITERATIONS",
+            "MAX_WALLCLOCK_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "MUON_MOMENTUM_WARMUP_STEPS", "EMA_DECAY")
+    return {**profile_env(profile), **{k: theirs[k] for k in same},
+            "NUM_FLAT_LAYERS": str(int(theirs["NUM_LAYERS"]) - (end - start + 1)),
+            "NUM_CRAWLER_LAYERS": str(end - start + 1), "CRAWLER_POSITION": str(start),
+            "EVAL_STRIDE": theirs["EVAL_SEQ_LEN"],      # plain windows, as the twin's compared score
+            "ACCUM_SPLITS": "1", "VAL_MAX_TOKENS": "0", "GPTQ_RESERVE_SECONDS": "0",
+            "SIZE_TARGET": "none",                      # the record's fixed clips (QUANT_K 12.85, tables 20)
+            "RUN_ID": f"{name}_s{seed}", "LOG_DIR": str(work / "logs"), "ARTIFACT_DIR": str(work / "artifacts")}
 
 
 def script_env(name: str, proxy: Proxy, seed: int, data: Path, steps: int) -> dict[str, str]:
     """The script's own knobs at the proxy's scale; schedules counted in steps scale with the run's length."""
-    s, v = SCRIPTS[name], vocab(name, proxy)
+    s, v = spec(name), vocab(name, proxy)
     layers = max(2, round(s.pod_layers * proxy.depth))
     env = {
         "SEED": str(seed), "RUN_ID": f"{name}_s{seed}", "DATA_DIR": f"{data}/", "VOCAB_SIZE": str(v),
@@ -339,21 +376,33 @@ def parse_log(text: str, final: str) -> dict:
             "steps": int(steps[-1]) if steps else (curve[-1][0] if curve else None), "curve": curve}
 
 
+def parse_ours(path: Path) -> dict:
+    """The same figures from our run's logs/<RUN_ID>.json (the final score is the reloaded artifact's)."""
+    if not path.exists():
+        return {"final_bpb": None, "final_loss": None, "steps": None, "curve": []}
+    js = json.loads(path.read_text())
+    return {"final_bpb": js["val_bpb"], "final_loss": js["val_loss"], "steps": js["steps"],
+            "curve": [(c["step"], c["val_bpb"]) for c in js["curve"]]}
+
+
 def run(name: str, proxy_name: str, seed: int, out: Path, threads: int = 1) -> dict:
     """One patched run in its own process (the scripts keep global state); returns parse_log's dict."""
-    proxy, s = PROXIES[proxy_name], SCRIPTS[name]
+    proxy, s = PROXIES[proxy_name], spec(name)
     out.mkdir(parents=True, exist_ok=True)
     data = stage_data(out, proxy.corpus, vocab(name, proxy))
     steps = expected_steps(name, proxy)
-    env = {**os.environ, **script_env(name, proxy, seed, data, steps), "OMP_NUM_THREADS": str(threads),
-           "PORT_CLOCK": proxy.clock}
+    knobs = (ours_env(name, proxy, seed, data, steps, out) if name in OURS else
+             script_env(name, proxy, seed, data, steps))
+    env = {**os.environ, **knobs, "OMP_NUM_THREADS": str(threads), "PORT_CLOCK": proxy.clock}
     log = out / f"{name}_{proxy_name}_s{seed}.txt"
     t0 = time.time()
     with open(log, "w") as fh:
         rc = subprocess.run([sys.executable, __file__, "--exec", name], cwd=out, env=env, stdout=fh,
                             stderr=subprocess.STDOUT).returncode
+    figures = parse_ours(out / "logs" / f"{name}_s{seed}.json") if name in OURS else \
+        parse_log(log.read_text(errors="replace"), s.final)
     result = {"script": name, "proxy": proxy_name, "seed": seed, "seconds": round(time.time() - t0, 1),
-              "rc": rc, "pod_bpb": s.pod_bpb, **parse_log(log.read_text(errors="replace"), s.final)}
+              "rc": rc, "pod_bpb": s.pod_bpb, **figures}
     if rc != 0 or result["final_bpb"] is None:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty)"]
         raise SystemExit(f"error: {name} seed {seed} failed (rc {rc}); see {log}: {tail[0][:200]}")
@@ -366,6 +415,10 @@ def exec_script(name: str) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if os.environ.get("PORT_CLOCK") == "cpu":   # every script times itself with time.perf_counter
         time.perf_counter = time.process_time
+    if name in OURS:   # ours needs no port: it runs on the CPU as it is
+        import runpy
+        sys.argv = [str(ROOT / "train_gpt.py")]
+        return runpy.run_path(sys.argv[0], run_name="__main__")
     s = SCRIPTS[name]
     src = patch_source(read_source(s), s, int(os.environ["MODEL_DIM"]))
     path = Path(f"{name}_patched.py").resolve()   # in the run's scratch directory: what ran, for the record
@@ -376,7 +429,7 @@ def exec_script(name: str) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--script", choices=sorted(SCRIPTS))
+    ap.add_argument("--script", choices=sorted([*SCRIPTS, *OURS]))
     ap.add_argument("--proxy", default="wall", choices=sorted(PROXIES))
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--out", type=Path, default=Path("/tmp/proxy_fidelity"))

@@ -1,0 +1,124 @@
+"""The loop records' model knobs (issue 22): where the crawler runs, U-Net skips over the block calls and their
+gates, the LN scale by unique position, parallel blocks, no loop embedding; and PROFILE=record_0405, checked
+against the figures its record's log prints. Each knob off is today's model (test_arms.py's golden logits)."""
+import dataclasses
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt as tg
+from test_model import assert_causal, ids, make_model, small_hp
+
+ROOT = Path(__file__).resolve().parents[1]
+# 2026-04-05's train_seed1337.log: "model_params:35943512" and, once looping is on,
+# "loop_warmup:enabled encoder:[0, 1, 2, 3, 4, 5, 4] decoder:[5, 4, 5, 6, 7, 8, 9, 10]"
+R0405_PARAMS = 35_943_512
+R0405_ENCODER, R0405_DECODER = [0, 1, 2, 3, 4, 5, 4], [5, 4, 5, 6, 7, 8, 9, 10]
+LOOPED = dict(NUM_FLAT_LAYERS=5, NUM_CRAWLER_LAYERS=2, CRAWLER_LOOPS=3, CRAWLER_POSITION=2)
+
+
+def profile_env(profile: str) -> dict[str, str]:
+    """The variables experiments/profile.sh exports for a profile, as run.sh would see them."""
+    out = subprocess.run(["bash", "-c", f"PROFILE={profile}; . experiments/profile.sh; env -0"], cwd=ROOT,
+                         env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, check=True).stdout
+    known = set(tg.knob_names())
+    return dict(kv.split("=", 1) for kv in out.split("\0") if kv.split("=", 1)[0] in known)
+
+
+def unique_order(hp: tg.Hyperparameters, schedule) -> list[int]:
+    """Each call's block numbered as the records number their layers (its position in the one-loop order)."""
+    one = [f.block for f in tg.build_schedule(hp, 1)]
+    return [one.index(f.block) for f in schedule]
+
+
+def test_record_0405_profile_is_the_record_model():
+    hp = tg.Hyperparameters.from_env({**profile_env("record_0405"), "VOCAB_SIZE": "8192"})   # the log's vocabulary
+    assert tg.count_unique_params(tg.CrawlerGPT(hp)) == R0405_PARAMS
+    looped = tg.build_schedule(hp, hp.crawler_loops)
+    order = unique_order(hp, looped)
+    assert [o for o, f in zip(order, looped) if f.skip_out] == R0405_ENCODER
+    assert [o for o, f in zip(order, looped) if not f.skip_out] == R0405_DECODER
+    assert unique_order(hp, tg.build_schedule(hp, 1)) == list(range(11))   # before looping: 11 in order
+    assert (hp.effective_depth, hp.loops_schedule()) == (15, [(0.0, 1), (0.5, 3)])
+    assert hp.muon_row_norm and hp.embed_wd == hp.muon_wd == 0.085 and hp.adam_wd == 0.02
+
+
+def test_crawler_position_names_are_counts_of_flat_blocks():
+    for name, count in (("end", "4"), ("bottleneck", "2")):
+        named = small_hp(NUM_FLAT_LAYERS=4, CRAWLER_POSITION=name)
+        assert tg.build_schedule(named, 2) == tg.build_schedule(small_hp(NUM_FLAT_LAYERS=4, CRAWLER_POSITION=count), 2)
+    hp = small_hp(**LOOPED)
+    assert [f.block for f in tg.build_schedule(hp, 3)] == [0, 1, 5, 6, 5, 6, 5, 6, 2, 3, 4]
+    for bad in ("6", "-1", "middle"):
+        with pytest.raises(tg.HyperparameterError, match="CRAWLER_POSITION"):
+            small_hp(**{**LOOPED, "CRAWLER_POSITION": bad})
+
+
+def test_virtual_skips_pair_calls_and_resplit_as_loops_switch_on():
+    flat, virtual = small_hp(**LOOPED), small_hp(**LOOPED, SKIPS="virtual")
+    for loops, n_pairs in ((1, 3), (2, 4), (3, 5)):   # 7, 9 and 11 calls
+        sched = tg.build_schedule(virtual, loops)
+        pushed = [d for d, f in enumerate(sched) if f.skip_out]
+        popped = [(d, f.skip_in) for d, f in enumerate(sched) if f.skip_in >= 0]
+        assert pushed == list(range(len(sched) // 2)) and len(popped) == n_pairs
+        assert [j for _, j in popped] == list(range(n_pairs)) and all(d >= len(sched) // 2 for d, _ in popped)
+    assert all(f.loop < 0 for f in tg.build_schedule(flat, 3) if f.skip_out or f.skip_in >= 0)
+    assert make_model(**LOOPED, SKIPS="virtual").skip_weights.shape == (5, 48)
+    assert make_model(**LOOPED).skip_weights.shape == (2, 48)
+
+
+def test_skip_gates_start_halfway_and_learn():
+    assert torch.equal(tg.CrawlerGPT(small_hp(**LOOPED, SKIPS="virtual", SKIP_GATES=1)).skip_gates, torch.zeros(5, 48))
+    plain, gated = make_model(**LOOPED, SKIPS="virtual"), make_model(**LOOPED, SKIPS="virtual", SKIP_GATES=1)
+    gated.load_state_dict(plain.state_dict() | {"skip_gates": torch.zeros(5, 48)})
+    x = ids()
+    assert not torch.allclose(gated(x, x), plain(x, x))   # lerp(w*skip, x, 1/2), not x + w*skip
+    with torch.no_grad():
+        gated.skip_gates.fill_(40.0)   # sigmoid -> 1: the skip is gated out, so skip_weights no longer matter
+        out = gated(x, x)
+        gated.skip_weights.mul_(3.0)
+        torch.testing.assert_close(gated(x, x), out)
+    gated.skip_gates.data.zero_()
+    gated(x, x).backward()
+    assert gated.skip_gates.grad.abs().sum() > 0
+
+
+def test_ln_scale_by_unique_position_repeats_across_loops():
+    virtual, unique = (tg.build_schedule(small_hp(**LOOPED, LN_SCALE_DEPTH=d), 3) for d in ("virtual", "unique"))
+    assert [round(f.ln ** -2) for f in virtual] == list(range(1, 12))
+    assert [round(f.ln ** -2) for f in unique] == [1, 2, 3, 4, 3, 4, 3, 4, 5, 6, 7]
+    x = ids()
+    assert not torch.allclose(make_model(**LOOPED)(x, x), make_model(**LOOPED, LN_SCALE_DEPTH="unique")(x, x))
+
+
+def test_parallel_blocks_read_one_input():
+    hp = small_hp(**LOOPED, PARALLEL_START=5)
+    assert [f.parallel for f in tg.build_schedule(hp, 3)] == [False] * 9 + [True] * 2   # unique blocks 5 and 6
+    model = make_model(**LOOPED, PARALLEL_START=5)
+    block, f = model.flat[4], tg.build_schedule(hp, 3)[-1]
+    x, x0 = torch.randn(2, 16, 48), torch.randn(2, 16, 48)
+    rope = model.rotary(16, x.device)
+    mixed = block.resid_mix[0] * x + block.resid_mix[1] * x0
+    attn = block.attn(tg.rms_norm(mixed) * f.ln, rope, f.xsa, None)
+    expected = mixed + block.attn_scale * attn + block.mlp_scale * block.mlp(tg.rms_norm(mixed) * f.ln)
+    torch.testing.assert_close(block(x, x0, rope, f, None), expected)
+    serial = block(x, x0, rope, dataclasses.replace(f, parallel=False), None)
+    assert not torch.allclose(serial, expected)
+
+
+def test_no_loop_embedding_means_no_parameter():
+    with_it, without = make_model(**LOOPED), make_model(**LOOPED, LOOP_EMBED_SCALE=0)
+    assert without.loop_embed is None and "loop_embed" not in dict(without.named_parameters())
+    assert tg.count_unique_params(with_it) - tg.count_unique_params(without) == 3 * 48
+    x = ids()
+    without(x, x).backward()
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(LOOPED, SKIPS="virtual", SKIP_GATES=1), dict(LOOPED, LN_SCALE_DEPTH="unique", LOOP_EMBED_SCALE=0),
+    dict(LOOPED, PARALLEL_START=3, XSA_LAST_N=-1)])
+def test_causality_of_the_record_knobs(overrides):
+    assert_causal(make_model(**overrides), seq=16, cuts=(0, 5, 14))
