@@ -85,6 +85,7 @@ class Hyperparameters:
     qk_gain_init: float = knob(4.0, 0, model=True)  #: initial per-head query gain
     logit_softcap: float = knob(30.0, 0, model=True)  #: tanh soft cap on logits (0 = off)
     tied_embed_init_std: float = knob(0.005, 0, model=True)  #: std of the tied embedding at init
+    matrix_init: str = knob("default", choices=("default", "orthogonal"))  #: orthogonal: the records' init
     ln_scale: bool = knob(True, model=True)  #: block i's normed input times 1/sqrt(i+1) (i: LN_SCALE_DEPTH)
     #: LN_SCALE's i: the call's position (virtual), or the block's in the one-loop order (unique, the records)
     ln_scale_depth: str = knob("virtual", choices=("virtual", "unique"), model=True)
@@ -923,6 +924,10 @@ class CrawlerGPT(nn.Module):
         embeds = orthonormal_rows(hp.crawler_loops, dim, hp.seed) * hp.loop_embed_scale
         self.loop_embed = nn.Parameter(embeds) if hp.num_crawler_layers and hp.loop_embed_scale else None
         self.blocks = [*self.flat, *self.crawler]   # a plain list: the ModuleLists above own the modules
+        mats = [m.weight for m in self.modules() if isinstance(m, CastedLinear) and min(m.weight.shape) >= 64]
+        for w in mats if hp.matrix_init == "orthogonal" and not self.tok_emb.weight.is_meta else []:
+            if w.any():   # as the records: each matrix of at least 64 x 64; zero-init projections stay zero
+                nn.init.orthogonal_(w)
 
     def tables(self) -> list[nn.Parameter]:
         """Embedding tables: their own Adam, their own storage kind."""
@@ -995,14 +1000,12 @@ def count_unique_params(model: nn.Module) -> int:
 # orthogonalises a share and one all-reduce spreads the updates). Embedding tables: AdamW at their own LR.
 # Gains, vectors and loop embeddings: AdamW. Routing is by what owns a parameter, never by its name.
 
-# (a, b, c) of x <- a x + (b G + c G^2) x, step by step; the last repeats. Polar Express (Amsel et al. 2025,
-# arXiv:2505.16932): each step's minimax-optimal quintic, as PR #1344 and the records since 2026-04 use them.
+# (a, b, c) of x <- a x + (b G + c G^2) x, step by step; the last repeats. Polar Express (arXiv:2505.16932):
+# each step's minimax quintic, as PR #1344 and the records since 2026-04 (theirs, to float32 precision).
 NS_COEFFS = {"quintic": ((3.4445, -4.7750, 2.0315),),
-             "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
-                       (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-                       (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-                       (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))}
+             "polar": ((8.156554, -22.483294, 15.87877), (4.04293, -2.8089175, 0.5000178),
+                       (3.8916678, -2.772484, 0.50606483), (3.2857537, -2.3681295, 0.46449023),
+                       (2.3465414, -1.7097828, 0.4232355))}
 
 def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype | None = None,
                    coeffs: tuple = NS_COEFFS["quintic"]) -> Tensor:
@@ -1010,8 +1013,7 @@ def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dty
     x = grad.to(dtype or (torch.bfloat16 if grad.is_cuda else torch.float32))
     x = x / (x.norm() + eps)
     transposed = x.size(0) > x.size(1)
-    if transposed:
-        x = x.T
+    x = x.T if transposed else x
     for i in range(steps):
         a, b, c = coeffs[min(i, len(coeffs) - 1)]
         gram = x @ x.T
@@ -1889,9 +1891,7 @@ def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[in
     """(start, first scored offset) for each window over num_tokens tokens (num_tokens-1 targets).
     Every target is scored exactly once, by the earliest window holding it: the most context."""
     last_start = max(num_tokens - 1 - seq_len, 0)
-    starts = list(range(0, last_start + 1, stride))
-    if starts[-1] != last_start:
-        starts.append(last_start)
+    starts = sorted({*range(0, last_start + 1, stride), last_start})
     windows, scored_to = [], 0   # targets [0, scored_to) of the target sequence are done
     for s in starts:
         windows.append((s, scored_to - s))

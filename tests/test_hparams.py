@@ -71,6 +71,7 @@ def test_defaults_are_valid_and_env_overrides_types():
     ({"SKIP_GATES_ENABLED": "1"}, "here it is SKIP_GATES"),
     ({"LOOP_START": "3"}, "here it is CRAWLER_POSITION / CRAWLER_LOOPS / CRAWLER_LOOPS_SCHEDULE"),
     ({"SKIPS": "unet"}, "SKIPS"),
+    ({"MATRIX_INIT": "xavier"}, "MATRIX_INIT"),
     ({"LN_SCALE_DEPTH": "physical"}, "LN_SCALE_DEPTH"),
     ({"PARALLEL_START": "-2"}, "PARALLEL_START"),
     ({"LOOP_EMBED": "0"}, "LOOP_EMBED: not a knob"),

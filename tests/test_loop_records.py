@@ -109,6 +109,33 @@ def test_parallel_blocks_read_one_input():
     assert not torch.allclose(serial, expected)
 
 
+def test_orthogonal_init_is_the_records():
+    """MATRIX_INIT=orthogonal: every matrix of at least 64 x 64 orthogonal, zero-init projections still zero,
+    smaller matrices as before; the model computes something else from the start."""
+    env = dict(LOOPED, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, ROPE_DIMS=8)
+    torch.manual_seed(0)
+    plain = tg.CrawlerGPT(small_hp(**env))
+    torch.manual_seed(0)
+    ortho = tg.CrawlerGPT(small_hp(**env, MATRIX_INIT="orthogonal"))
+    changed = 0
+    for (name, a), b in zip(plain.named_parameters(), ortho.parameters()):
+        if a.ndim == 2 and min(a.shape) >= 64 and a.any() and "tok_emb" not in name and "table" not in name:
+            w = b.detach() if b.size(0) <= b.size(1) else b.detach().T
+            torch.testing.assert_close(w @ w.T, torch.eye(w.size(0)), atol=1e-5, rtol=0)
+            changed += 1
+        elif not a.any():
+            assert not b.any(), name
+    assert changed == 7 * 2   # q and the MLP's up in 7 blocks (k and v are 32 x 64; proj and down start at 0)
+    for model in (plain, ortho):   # wake the zero-init projections alike, so the blocks' outputs count
+        gen = torch.Generator().manual_seed(1)
+        for p in (p for p in model.parameters() if p.ndim == 2 and not p.any()):
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+    x = ids()
+    assert not torch.allclose(plain(x, x), ortho(x, x))
+    with torch.device("meta"):   # the preflight's check_room builds the model here: nothing to initialise
+        tg.CrawlerGPT(small_hp(**env, MATRIX_INIT="orthogonal"))
+
+
 def test_no_loop_embedding_means_no_parameter():
     with_it, without = make_model(**LOOPED), make_model(**LOOPED, LOOP_EMBED_SCALE=0)
     assert without.loop_embed is None and "loop_embed" not in dict(without.named_parameters())
