@@ -41,7 +41,7 @@ elif [ "$rehearsal" = 1 ]; then
   PROFILE=rehearsal
   . experiments/profile.sh
   exec "$PY" experiments/rehearsal.py
-elif [ "${PROFILE:-}" != "${PROFILE#record_}" ]; then
+elif [[ "${PROFILE:-}" == record_* ]]; then
   "$PY" data/prepare_local.py >/dev/null
   export DATA_PATH=${DATA_PATH:-data/datasets/local_sp1024} TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/local_1024_bpe.model}
   echo "run.sh: no CUDA device: PROFILE=$PROFILE at MODEL_DIM=$MODEL_DIM on $DATA_PATH (set the size knobs to scale it)"

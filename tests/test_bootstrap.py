@@ -397,10 +397,15 @@ def test_run_sh_applies_a_record_profile_to_dry_run_and_to_a_cpu_run(box, tmp_pa
         res = box.run(["bash", "run.sh"], PROFILE="record_0405", FAKE_ENV_LOG=str(seen), MODEL_DIM="256", **env)
         calls = [c.split()[-1] for c in res.calls if c.split()[-1].endswith(".py")]
         assert script in calls, (calls, res.stderr)   # records.py runs after train_gpt.py
-        exported = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+        exported_text = seen.read_text()
+        exported = dict(line.split("=", 1) for line in exported_text.splitlines() if "=" in line)
         assert exported["SKIPS"] == "virtual" and exported["CRAWLER_POSITION"] == "4", env
         assert exported["MODEL_DIM"] == "256"   # a value the user set wins
-        if not env:   # without CUDA: the demo corpus, not the demo profile
+        if not env:   # without CUDA: the demo corpus, not the demo profile; and without PROFILE, the demo
+            res = box.run(["bash", "run.sh"], FAKE_ENV_LOG=str(seen))
+            assert res.returncode == 0 and "CPU demo profile" in res.stdout, res.stderr
+            assert "NUM_FLAT_LAYERS=2" in seen.read_text()
+            seen.write_text(exported_text)
             assert exported["DATA_PATH"] == "data/datasets/local_sp1024" and "NUM_FLAT_LAYERS=9" in seen.read_text()
 
 
