@@ -2,8 +2,7 @@
 gates, the LN scale by unique position, parallel blocks, no loop embedding; and PROFILE=record_0405, checked
 against the figures its record's log prints. Each knob off is today's model (test_arms.py's golden logits)."""
 import dataclasses
-import os
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,8 @@ import train_gpt as tg
 from test_model import assert_causal, ids, make_model, small_hp
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "proxy_fidelity"))
+import port  # noqa: E402
 # 2026-04-05's train_seed1337.log: "model_params:35943512" and, once looping is on,
 # "loop_warmup:enabled encoder:[0, 1, 2, 3, 4, 5, 4] decoder:[5, 4, 5, 6, 7, 8, 9, 10]"
 R0405_PARAMS = 35_943_512
@@ -21,11 +22,9 @@ LOOPED = dict(NUM_FLAT_LAYERS=5, NUM_CRAWLER_LAYERS=2, CRAWLER_LOOPS=3, CRAWLER_
 
 
 def profile_env(profile: str) -> dict[str, str]:
-    """The variables experiments/profile.sh exports for a profile, as run.sh would see them."""
-    out = subprocess.run(["bash", "-c", f"PROFILE={profile}; . experiments/profile.sh; env -0"], cwd=ROOT,
-                         env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, check=True).stdout
+    """The knobs experiments/profile.sh exports for a profile (port.profile_env), as run.sh would pass them."""
     known = set(tg.knob_names())
-    return dict(kv.split("=", 1) for kv in out.split("\0") if kv.split("=", 1)[0] in known)
+    return {k: v for k, v in port.profile_env(profile).items() if k in known}
 
 
 def unique_order(hp: tg.Hyperparameters, schedule) -> list[int]:
