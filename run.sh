@@ -12,7 +12,7 @@ cd "$(dirname "$0")"
 bootstrap_python run.sh || exit 1
 PY=$PYTHON
 
-# PROFILE=record_0405: a published record's recipe through our knobs (experiments/profile.sh), on any path.
+# PROFILE=record_0405|record_0427: a published record's recipe through our knobs (experiments/profile.sh).
 case "${PROFILE:-}" in record_*) . experiments/profile.sh ;; esac
 case "${DRY_RUN:-0}" in
   1|true|yes|on)

@@ -91,11 +91,17 @@ class Hyperparameters:
     ln_scale_depth: str = knob("virtual", choices=("virtual", "unique"), model=True)
     #: blocks from this position of the one-loop order on run attention and MLP on one input (-1 = off)
     parallel_start: int = knob(-1, -1, 4096, model=True)
+    #: 2: PARALLEL_START's blocks keep two lanes (the 04-27 record's): attention reads lane 0, the MLP lane 1,
+    #: each lane adds both outputs by learned weights (1; itself by 1.1 at init), the head reads their mean
+    parallel_lanes: int = knob(1, 1, 2, model=True)
     xsa_last_n: int = knob(-1, -1, 4096, model=True)  #: exclusive self attn, last N blocks (-1 all, 0 off)
     ngram_hash: str = knob("trigram", choices=("none", "bigram", "trigram"), model=True)  #: n-gram table
     ngram_buckets: int = knob(4096, 2, 2**24, model=True)  #: n-gram hash buckets
     ngram_dim: int = knob(128, 1, 16384, model=True)  #: n-gram table width
     smear_gate: bool = knob(False, model=True)  #: add a gated copy of the previous token's embedding
+    smear_scalar: bool = knob(False, model=True)  #: SmearGate: one gate a token, from GATE_WINDOW dims
+    attn_gate: float = knob(0.0, 0, model=True)  #: head h's output * sigmoid(ATTN_GATE W_h x[:GATE_WINDOW])
+    gate_window: int = knob(12, 1, 4096, model=True)  #: input dims of ATTN_GATE's and SMEAR_SCALAR's gates
     ve_dim: int = knob(128, 0, 16384, model=True)  #: value-embedding table width (0 = off)
     #: blocks whose attention values get the value embedding: crawler, flat, all, or unique-block indices
     ve_layers: str = knob("crawler", model=True)
@@ -190,7 +196,10 @@ class Hyperparameters:
                               (self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", "exceeds EVAL_SEQ_LEN"),
                               (self.crawler_mlp == "standard" or self.num_crawler_layers, "CRAWLER_MLP",
                                "needs a crawler"), (self.embed_wd == -1 or self.embed_wd >= 0, "EMBED_WD",
-                                                    "must be -1 (= ADAM_WD) or >= 0")):
+                                                    "must be -1 (= ADAM_WD) or >= 0"),
+                              (self.smear_gate or not self.smear_scalar, "SMEAR_SCALAR", "needs SMEAR_GATE"),
+                              (self.parallel_lanes < 2 or self.parallel_start >= 0, "PARALLEL_LANES",
+                               "needs PARALLEL_START >= 0")):
             require(ok, var, what)
         self.loops_schedule(), self.ve_block_ids(), self.crawler_at   # raise on a malformed value
 
@@ -291,6 +300,7 @@ def parse_knob(f: dataclasses.Field, raw: str) -> Any:
 # each with what this script uses instead, or why it has none: setting one is an error, not a silent no-op.
 _RENAMED = """ITERATIONS: ITERS NUM_ITERATIONS MAX_STEPS NUM_STEPS MAX_ITERS; NUM_HEADS: N_HEAD
 VOCAB_SIZE: VOCAB; SKIP_GATES: SKIP_GATES_ENABLED; MUON_ROW_NORM: MUON_ROW_NORMALIZE
+SMEAR_GATE: SMEAR_GATE_ENABLED; ATTN_GATE: SPARSE_ATTN_GATE_ENABLED SPARSE_ATTN_GATE_SCALE
 TRAIN_BATCH_TOKENS: TRAIN_BATCH_SIZE BATCH_SIZE PER_DEVICE_TRAIN_BATCH_SIZE; WARMUP_STEPS: WARMUP_ITERS
 TRAIN_SEQ_LEN: TRAIN_SEQ_LENGTH SEQ_LEN BLOCK_SIZE CONTEXT_LENGTH MAX_SEQ_LENGTH; COMPILE: TORCH_COMPILE
 VAL_LOSS_EVERY: VAL_EVERY EVAL_EVERY EVAL_INTERVAL EVAL_STEPS; MODEL_DIM: N_EMBD D_MODEL DIM HIDDEN_SIZE
@@ -738,7 +748,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     return y.transpose(1, 2)
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, ve_dim: int = 0):
+    def __init__(self, dim: int, heads: int, kv_heads: int, qk_gain_init: float, ve_dim: int = 0,
+                 gate: tuple[float, int] = (0.0, 12)):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.q = CastedLinear(dim, heads * self.head_dim)
@@ -748,6 +759,8 @@ class Attention(nn.Module):
         self.backend = "sdpa"
         self.ve_proj = CastedLinear(ve_dim, kv_heads * self.head_dim, zero_init=True) if ve_dim else None
         self.ve_scale = nn.Parameter(torch.ones(1)) if ve_dim else None
+        self.gate_scale, window = gate   # ATTN_GATE: the records' sparse gate, one sigmoid a head
+        self.gate_w = nn.Parameter(torch.zeros(heads, min(window, dim))) if self.gate_scale else None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], xsa: bool, ve: Tensor | None) -> Tensor:
         B, T, _ = x.shape
@@ -762,6 +775,9 @@ class Attention(nn.Module):
         y = causal_attention(q, k, v, self.backend)
         if xsa:
             y = exclusive(y, v)
+        if self.gate_w is not None:
+            g = F.linear(x[..., :self.gate_w.size(1)], self.gate_w.to(x.dtype))
+            y = y * torch.sigmoid(self.gate_scale * g)[..., None]
         return self.proj(y.reshape(B, T, -1))
 
 def exclusive(y: Tensor, v: Tensor) -> Tensor:
@@ -808,17 +824,28 @@ class ChokeMLP(MLP):
 class Block(nn.Module):
     def __init__(self, hp: Hyperparameters, make_mlp: Callable[[], nn.Module], ve_dim: int = 0):
         super().__init__()
-        self.attn = Attention(hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init, ve_dim)
+        self.attn = Attention(hp.model_dim, hp.num_heads, hp.num_kv_heads, hp.qk_gain_init, ve_dim,
+                              (hp.attn_gate, hp.gate_window))
         self.mlp = make_mlp()   # built after attention: the order the RNG has always been drawn in
         self.attn_scale = nn.Parameter(torch.ones(hp.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(hp.model_dim))
         # resid_mix[0] weighs the running stream, resid_mix[1] the embedding x0.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(hp.model_dim), torch.zeros(hp.model_dim))))
+        if hp.parallel_lanes == 2:   # every block has them, as the record's: [attn, mlp][lane], [lane]
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
 
-    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], f: Firing, ve: Tensor | None):
-        x = self.resid_mix[0].to(x.dtype) * x + self.resid_mix[1].to(x.dtype) * x0
-        y = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * f.ln, rope, f.xsa, ve)
-        return y + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x if f.parallel else y) * f.ln, f.loop)
+    def forward(self, x: Tensor, x0: Tensor, rope: tuple[Tensor, Tensor], f: Firing, ve: Tensor | None,
+                lane: Tensor | None = None):
+        """lane: the MLP's lane of PARALLEL_LANES=2 (x is attention's); then both lanes are returned."""
+        mixed = self.resid_mix[0].to(x.dtype) * x + self.resid_mix[1].to(x.dtype) * x0
+        a = self.attn_scale.to(x.dtype) * self.attn(rms_norm(mixed) * f.ln, rope, f.xsa, ve)
+        if lane is not None:
+            m = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(lane) * f.ln, f.loop)
+            p, r = self.lane_post.to(x.dtype), self.lane_resid.to(x.dtype)
+            return r[0] * x + p[0, 0] * a + p[1, 0] * m, r[1] * lane + p[0, 1] * a + p[1, 1] * m
+        y = mixed + a
+        return y + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(mixed if f.parallel else y) * f.ln, f.loop)
 
 NGRAM_PRIMES = (36313, 27191, 51647)  # one distinct prime per context position: equal tokens never cancel
 
@@ -848,16 +875,20 @@ class NGramHash(nn.Module):
         return self.scale * self.proj(F.embedding(buckets, self.table))
 
 class SmearGate(nn.Module):
-    """x_t += lam * sigmoid(W x_t[:k]) * x_{t-1}; lam starts at 0; nothing crosses into a new document."""
-    def __init__(self, dim: int, k: int = 32):
+    """x_t += lam * sigmoid(W x_t[:k]) * x_{t-1}; lam starts at 0; nothing crosses into a new document.
+    W: one gate a channel from 32 dims (a matrix, Muon's), or scalar (the records'): one gate, from zero."""
+    def __init__(self, dim: int, scalar: bool = False, window: int = 12):
         super().__init__()
-        self.k = min(k, dim)
-        self.gate = CastedLinear(self.k, dim)
+        self.k = min(window if scalar else 32, dim)
+        self.gate = None if scalar else CastedLinear(self.k, dim)
+        self.gate_w = nn.Parameter(torch.zeros(1, self.k)) if scalar else None   # Adam's, as the records'
         self.lam = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
         prev = F.pad(x, (0, 0, 1, 0))[:, :-1] * (ids != BOS_ID).unsqueeze(-1).to(x.dtype)
-        return x + self.lam.to(x.dtype) * torch.sigmoid(self.gate(x[..., :self.k])) * prev
+        h = x[..., :self.k]
+        g = self.gate(h) if self.gate_w is None else F.linear(h, self.gate_w.to(x.dtype))
+        return x + self.lam.to(x.dtype) * torch.sigmoid(g) * prev
 
 def orthonormal_rows(n: int, dim: int, seed: int) -> Tensor:
     """n orthonormal vectors of length dim from the QR of a seeded Gaussian matrix."""
@@ -914,7 +945,7 @@ class CrawlerGPT(nn.Module):
         self.ve_table = nn.Parameter(torch.randn(hp.vocab_size, hp.ve_dim) * 0.02) if ve else None
         order = {"bigram": 2, "trigram": 3}.get(hp.ngram_hash)
         self.ngram = NGramHash(order, hp.ngram_buckets, hp.ngram_dim, dim, hp.vocab_size) if order else None
-        self.smear = SmearGate(dim) if hp.smear_gate else None
+        self.smear = SmearGate(dim, hp.smear_scalar, hp.gate_window) if hp.smear_gate else None
         self.schedules = {n: build_schedule(hp, n) for n in range(1, hp.crawler_loops + 1)}
         n_skip = max(f.skip_in for f in self.schedules[hp.crawler_loops]) + 1
         self.skip_weights = nn.Parameter(torch.ones(n_skip, dim))
@@ -956,19 +987,22 @@ class CrawlerGPT(nn.Module):
         x = x0 = self.embed(ids)
         rope = self.rotary(ids.size(1), ids.device)
         ve = F.embedding(ids, self.ve_table) if self.ve_table is not None else None  # deterministic backward
-        skips = []
+        skips, lane = [], None   # lane: the MLP's, from the first block of PARALLEL_LANES=2 on
         for f in self.schedules[loops or self.hp.crawler_loops]:
             if f.skip_in >= 0:
                 skip, gates = self.skip_weights[f.skip_in].to(x.dtype) * skips.pop(), self.skip_gates
                 x = x + skip if gates is None else torch.lerp(skip, x, gates[f.skip_in].sigmoid().to(x.dtype))
             if f.enter:
                 anchor, x = x, x if self.loop_embed is None else x + self.loop_embed[f.loop].to(x.dtype)
-            x = self.blocks[f.block](x, x0, rope, f, ve)
+            if f.parallel and self.hp.parallel_lanes == 2:
+                x, lane = self.blocks[f.block](x, x0, rope, f, ve, x if lane is None else lane)
+            else:
+                x = self.blocks[f.block](x, x0, rope, f, ve)
             if f.leave and self.hp.loop_dt < 1:   # contractive: a step of size dt towards F(x), not a jump
                 x = (1 - self.hp.loop_dt) * anchor + self.hp.loop_dt * x
             if f.skip_out:
                 skips.append(x)
-        return rms_norm(x)
+        return rms_norm(x if lane is None else (x + lane) / 2)
 
     def logits(self, ids: Tensor, loops: int | None = None) -> Tensor:
         logits = F.linear(self.hidden(ids, loops), self.tok_emb.weight).float()
@@ -1354,22 +1388,23 @@ def build_training(hp: Hyperparameters, data: RunData, dinfo: DistInfo, device: 
     log.kv(unique_params=count_unique_params(model), effective_depth=hp.effective_depth,
            flat=hp.num_flat_layers, crawler=f"{hp.num_crawler_layers}x{hp.crawler_loops}")
     step_model = compile_model(model, hp, device)
-    if dinfo.distributed:
+    if dinfo.distributed:   # unused: by one-loop steps or ever (lanes' weights before PARALLEL_START)
         fewer = hp.crawler_cadence > 1 or min(n for _, n in hp.loops_schedule()) < hp.crawler_loops
+        unused = unused_at_one_loop(model, 1 if fewer else None)
         step_model = nn.parallel.DistributedDataParallel(
             step_model, device_ids=[dinfo.local_rank] if device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=bool(fewer and unused_at_one_loop(model)))
+            broadcast_buffers=False, find_unused_parameters=bool(unused))
     log.kv(compile=int(hp.use_compile(device)), accum_steps=hp.accum_splits // dinfo.world_size)
     loader = DistributedTokenLoader(data.train_files, dinfo, device, hp)
     optimizers = build_optimizers(model, hp, dinfo, compiled=hp.use_compile(device))
     checkpoint = Path(hp.artifact_dir) / f"{run_id}.r{dinfo.rank}.ckpt"   # one a rank
     return Trainer(hp, dinfo, device, model, step_model, optimizers, loader, log, checkpoint)
 
-def unused_at_one_loop(model: CrawlerGPT) -> list[str]:
-    """Parameters a single-loop step leaves without a gradient: DDP must be told to expect them."""
+def unused_at_one_loop(model: CrawlerGPT, loops: int | None = 1) -> list[str]:
+    """Parameters a single-loop step (or one of `loops`) leaves without a gradient: DDP must expect them."""
     probe = copy.deepcopy(model).cpu().float()
     ids = torch.zeros(1, 4, dtype=torch.long)
-    probe(ids, ids, loops=1).backward()
+    probe(ids, ids, loops=loops).backward()
     return [n for n, p in probe.named_parameters() if p.grad is None]
 
 # ======================================================================================================
@@ -1383,7 +1418,7 @@ FLOAT_KINDS = {"fp16": torch.float16, "fp32": torch.float32}
 QUANT_KINDS = {"int6": 6, "int8": 8}
 ARTIFACT_MAGIC, ARTIFACT_VERSION, BROTLI_ID, DIGEST_BYTES = b"CGLF", 2, 2, 32
 # Gains that multiply the residual stream keep fp32; other vectors are stored as fp16.
-CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_", "loop_embed")
+CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_", "loop_embed", "lane_")
 # The fit search's range for k (clip in row stds). Below about 4 std an int6 grid clips so much of a
 # Gaussian row that it gets worse *and* larger; beyond 64 there is nothing left to save.
 K_MIN, K_MAX = 4.0, 64.0

@@ -14,6 +14,8 @@
 #                          one thread, scored on the held-out pool (847k tokens)
 #   PROFILE=rehearsal      the pod rehearsal (REHEARSAL=1 bash run.sh, experiments/rehearsal.py): production
 #                          sizes, two one-sequence steps, warm-up, no wallclock cap
+#   PROFILE=record_0405    a published record's model, optimizer and schedule through our knobs, pod sizes
+#   PROFILE=record_0427    (each case below cites its record; set the size knobs to run one smaller)
 
 export ABLATE_CALLER_VARS="$(compgen -e | tr '\n' ' ')"
 export PROFILE="${PROFILE:-pod}"
@@ -88,25 +90,42 @@ case "$PROFILE" in
       export TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-50}"
     fi
     ;;
-  record_0405)
-    # The 2026-04-05 record (1.0856 on 8xH100; records/track_10min_16mb/2026-04-05_SP8192_GPTQ-Embeddings_SDClip_
-    # Loop45x2, its train_seed1337.log) through our knobs: 11 unique 512-wide blocks, blocks 4-5 run 3 times
-    # once half the training time has passed, sigmoid-gated U-Net skips over the block calls, LN scale by unique
-    # position, no loop embedding, no n-gram or value embeddings; orthogonal init; MuonEq-R. Still ours: sp1024 (issue 23), the
-    # embedding's rounding and the clip fit (issue 23), no test-time training (issue 24). Pod sizes: set the
-    # size knobs yourself to run it smaller.
-    export NUM_FLAT_LAYERS="${NUM_FLAT_LAYERS:-9}" NUM_CRAWLER_LAYERS="${NUM_CRAWLER_LAYERS:-2}"
-    export CRAWLER_LOOPS="${CRAWLER_LOOPS:-3}" CRAWLER_POSITION="${CRAWLER_POSITION:-4}"
-    export CRAWLER_LOOPS_SCHEDULE="${CRAWLER_LOOPS_SCHEDULE-0:1,0.5:3}"
-    export MODEL_DIM="${MODEL_DIM:-512}" NUM_HEADS="${NUM_HEADS:-8}" NUM_KV_HEADS="${NUM_KV_HEADS:-4}"
-    export MLP_MULT="${MLP_MULT:-4}" CRAWLER_MLP_MULT="${CRAWLER_MLP_MULT:-4}" QK_GAIN_INIT="${QK_GAIN_INIT:-4}"
+  record_0405|record_0427)
+    # A published record through our knobs, at pod sizes (set the size knobs yourself to run it smaller). Still
+    # ours in both: sp1024 (issue 23), the embedding's rounding and the clip fit (issue 23), no test-time training
+    # (issue 24).
+    if [ "$PROFILE" = record_0405 ]; then
+      # The 2026-04-05 record (1.0856 on 8xH100; records/track_10min_16mb/2026-04-05_SP8192_GPTQ-Embeddings_SDClip_
+      # Loop45x2, its train_seed1337.log): blocks 4-5 run 3 times once half the training time has passed.
+      export NUM_FLAT_LAYERS="${NUM_FLAT_LAYERS:-9}" NUM_CRAWLER_LAYERS="${NUM_CRAWLER_LAYERS:-2}"
+      export CRAWLER_POSITION="${CRAWLER_POSITION:-4}" CRAWLER_LOOPS_SCHEDULE="${CRAWLER_LOOPS_SCHEDULE-0:1,0.5:3}"
+      export QK_GAIN_INIT="${QK_GAIN_INIT:-4}" MATRIX_LR="${MATRIX_LR:-0.02}" MUON_WD="${MUON_WD:-0.085}"
+      export WARMDOWN_FRAC="${WARMDOWN_FRAC:-0.667}" GPTQ_RESERVE_SECONDS="${GPTQ_RESERVE_SECONDS:-12}"
+      export EMA_DECAY="${EMA_DECAY:-0.997}"
+    else
+      # The 2026-04-27 record (1.0611 on 8xH100; records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_
+      # BOSSmearFix_9HpStack_1.0611, its train_seed42.log): blocks 3-5 run 3 times from 35% of the training time,
+      # two parallel lanes from block 8, the sparse attention gate and the scalar SmearGate (window 12), Polar
+      # Express Newton-Schulz. Also not yet ours: CaseOps, per-role clips, int7 GPTQ'd embeddings, LQER.
+      export NUM_FLAT_LAYERS="${NUM_FLAT_LAYERS:-8}" NUM_CRAWLER_LAYERS="${NUM_CRAWLER_LAYERS:-3}"
+      export CRAWLER_POSITION="${CRAWLER_POSITION:-3}" CRAWLER_LOOPS_SCHEDULE="${CRAWLER_LOOPS_SCHEDULE-0:1,0.35:3}"
+      export PARALLEL_START="${PARALLEL_START:-8}" PARALLEL_LANES="${PARALLEL_LANES:-2}" ATTN_GATE="${ATTN_GATE:-0.5}"
+      export SMEAR_GATE="${SMEAR_GATE:-1}" SMEAR_SCALAR="${SMEAR_SCALAR:-1}" GATE_WINDOW="${GATE_WINDOW:-12}"
+      export QK_GAIN_INIT="${QK_GAIN_INIT:-5}" MATRIX_LR="${MATRIX_LR:-0.026}" MUON_WD="${MUON_WD:-0.095}"
+      export MUON_NS="${MUON_NS:-polar}" MUON_MOMENTUM="${MUON_MOMENTUM:-0.97}" BETA2="${BETA2:-0.99}"
+      export WARMDOWN_FRAC="${WARMDOWN_FRAC:-0.85}" MIN_LR_SCALE="${MIN_LR_SCALE:-0.1}"
+      export GPTQ_RESERVE_SECONDS="${GPTQ_RESERVE_SECONDS:-0.5}" EMA_DECAY="${EMA_DECAY:-0.9965}"
+    fi
+    # Both: 11 unique 512-wide blocks, the crawler 3 times; sigmoid-gated U-Net skips over the block calls, LN scale
+    # by unique position, no loop embedding, no n-gram or value embeddings, XSA everywhere; MuonEq-R; the
+    # embedding's own decay; orthogonal init (its init; ours, torch's, was 0.010 bpb better at 200 CPU steps).
+    export CRAWLER_LOOPS="${CRAWLER_LOOPS:-3}" MODEL_DIM="${MODEL_DIM:-512}" NUM_HEADS="${NUM_HEADS:-8}"
+    export NUM_KV_HEADS="${NUM_KV_HEADS:-4}" MLP_MULT="${MLP_MULT:-4}" CRAWLER_MLP_MULT="${CRAWLER_MLP_MULT:-4}"
     export SKIPS="${SKIPS:-virtual}" SKIP_GATES="${SKIP_GATES:-1}" LN_SCALE_DEPTH="${LN_SCALE_DEPTH:-unique}"
-    export LOOP_EMBED_SCALE="${LOOP_EMBED_SCALE:-0}" NGRAM_HASH="${NGRAM_HASH:-none}" VE_DIM="${VE_DIM:-0}" XSA_LAST_N="${XSA_LAST_N:--1}"
-    export MATRIX_LR="${MATRIX_LR:-0.02}" SCALAR_LR="${SCALAR_LR:-0.02}" TIED_EMBED_LR="${TIED_EMBED_LR:-0.03}"
-    export MUON_ROW_NORM="${MUON_ROW_NORM:-1}" MUON_WD="${MUON_WD:-0.085}" EMBED_WD="${EMBED_WD:-0.085}"
-    export ADAM_WD="${ADAM_WD:-0.02}" WARMDOWN_FRAC="${WARMDOWN_FRAC:-0.667}" LATE_QAT_THRESHOLD="${LATE_QAT_THRESHOLD:-0}"
-    export GPTQ_RESERVE_SECONDS="${GPTQ_RESERVE_SECONDS:-12}" EMA_DECAY="${EMA_DECAY:-0.997}"
-    export MATRIX_INIT="${MATRIX_INIT:-orthogonal}"   # its init; ours (torch's) was 0.030 bpb better at 200 CPU steps
+    export LOOP_EMBED_SCALE="${LOOP_EMBED_SCALE:-0}" NGRAM_HASH="${NGRAM_HASH:-none}" VE_DIM="${VE_DIM:-0}"
+    export XSA_LAST_N="${XSA_LAST_N:--1}" SCALAR_LR="${SCALAR_LR:-0.02}" TIED_EMBED_LR="${TIED_EMBED_LR:-0.03}"
+    export MUON_ROW_NORM="${MUON_ROW_NORM:-1}" EMBED_WD="${EMBED_WD:-0.085}" ADAM_WD="${ADAM_WD:-0.02}"
+    export LATE_QAT_THRESHOLD="${LATE_QAT_THRESHOLD:-0}" MATRIX_INIT="${MATRIX_INIT:-orthogonal}"
     ;;
   rehearsal)
     export ITERATIONS="${ITERATIONS:-2}" WARMUP_STEPS="${WARMUP_STEPS:-2}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"
@@ -114,7 +133,7 @@ case "$PROFILE" in
     export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-${TRAIN_SEQ_LEN:-2048}}"   # one sequence a step
     ;;
   *)
-    echo "PROFILE=$PROFILE: expected pod, demo, cpu, rehearsal or record_0405" >&2
+    echo "PROFILE=$PROFILE: expected pod, demo, cpu, rehearsal, record_0405 or record_0427" >&2
     exit 2
     ;;
 esac
