@@ -208,7 +208,36 @@ def test_ours_runs_the_record_profile_at_its_twins_scale():
     assert [b for b, push in looped if push] == [0, 1, 2, 3, 2]
     assert [b for b, push in looped if not push] == [3, 2, 3, 4, 5]
     assert port.spec("ours_r0405") is port.SCRIPTS["r0405"]
+    # the 2026-04-27 twin at this scale printed model_params:1217385 and "layer_loop:enabled step:70 frac:0.350
+    # encoder:[0, 1, 2, 3, 4, 2] decoder:[3, 4, 2, 3, 4, 5]" (steps200, seed 1337); its lanes start after the loop
+    assert port.script_env("r0427", proxy, 7, data, 200)["PARALLEL_START_LAYER"] == "5"
+    ours = port.ours_env("ours_r0427", proxy, 7, data, 200, Path("/w"))
+    hp = tg.Hyperparameters.from_env({k: v for k, v in ours.items() if k in set(tg.knob_names())})
+    assert tg.count_unique_params(tg.CrawlerGPT(hp)) == 1_217_385
+    one = [f.block for f in tg.build_schedule(hp, 1)]
+    looped = [(one.index(f.block), f.skip_out, f.parallel) for f in tg.build_schedule(hp, hp.crawler_loops)]
+    assert [b for b, push, _ in looped if push] == [0, 1, 2, 3, 4, 2]
+    assert [b for b, push, _ in looped if not push] == [3, 4, 2, 3, 4, 5]
+    assert [b for b, _, parallel in looped if parallel] == [5] and hp.loops_schedule()[1] == (0.35, 3)
     rows = [{"script": s, "proxy": "p", "seed": 1, "final_bpb": port.spec(s).pod_bpb, "steps": 200, "seconds": 1.0,
              "curve": None, "pod_bpb": port.spec(s).pod_bpb} for s in [*port.SCRIPTS, "ours_r0405"]]
     rows[-1]["final_bpb"] = 9.0   # ours is shown beside its twin but does not count in tau
+    assert calibrate.report(pd.DataFrame(rows)).split("| p |")[1].splitlines()[0].endswith("+1.00 |")
+
+
+def test_dataseed_variant_draws_the_records_data_order_from_the_seed():
+    """r0405_dataseed: 2026-04-05's script with its loader seeded by (rank, SEED) instead of the rank alone, the one
+    difference; it is shown in the report but, standing in for r0405, never counted in tau."""
+    src = ("import numpy as np\nclass H:\n    rank = 0\n    def __init__(self, seed):\n        self.seed = seed\n"
+           "def order(h):\n    return np.random.Generator(np.random.PCG64(h.rank)).permutation(10).tolist()\n")
+    orders = {}
+    for name in ("r0405", "r0405_dataseed"):
+        scope = {}
+        exec(compile(port.patch_source(src, port.spec(name), 128), "<t>", "exec"), scope)
+        orders[name] = [scope["order"](scope["H"](seed)) for seed in (1337, 42)]
+    assert orders["r0405"][0] == orders["r0405"][1] and orders["r0405_dataseed"][0] != orders["r0405_dataseed"][1]
+    assert port.spec("r0405_dataseed").folder == port.SCRIPTS["r0405"].folder
+    rows = [{"script": s, "proxy": "p", "seed": 1, "final_bpb": port.spec(s).pod_bpb, "steps": 200, "seconds": 1.0,
+             "curve": None, "pod_bpb": port.spec(s).pod_bpb} for s in [*port.SCRIPTS, "r0405_dataseed"]]
+    rows[-1]["final_bpb"] = 9.0
     assert calibrate.report(pd.DataFrame(rows)).split("| p |")[1].splitlines()[0].endswith("+1.00 |")

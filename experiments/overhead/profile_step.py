@@ -15,7 +15,7 @@ import train_gpt as tg  # noqa: E402
 
 SPENT: dict[str, float] = defaultdict(float)
 PARTS = {"data": (tg.Trainer, "next_batches"), "muon": (tg.Muon, "step"), "adam": (torch.optim.AdamW, "step"),
-         "averages (EMA/SWA)": (tg.WeightAverages, "update"), "sync (loss, clock)": (tg.Trainer, "sync"),
+         "averages (EMA)": (tg.EMA, "update"), "sync (loss, clock)": (tg.Trainer, "sync"),
          "logging": (tg.Trainer, "log_progress"), "step total": (tg.Trainer, "train_step")}
 
 
@@ -41,8 +41,8 @@ def main() -> None:
     steps = out["steps"]
     inside = sum(SPENT[k] for k in ("muon", "adam", "grad clip", "sync (loss, clock)"))
     SPENT["forward+backward"] = SPENT["step total"] - inside
-    loop = 1000 * out["main_loop_seconds"] / steps
-    for label in ("data", "forward+backward", "muon", "adam", "grad clip", "sync (loss, clock)", "averages (EMA/SWA)",
+    loop = 1000 * out["train_seconds"] / steps
+    for label in ("data", "forward+backward", "muon", "adam", "grad clip", "sync (loss, clock)", "averages (EMA)",
                   "logging"):
         print(f"{label:>20}: {1000 * SPENT[label] / steps:8.2f} ms/step")
     print(f"{'main loop':>20}: {loop:8.2f} ms/step  (steps {steps})")

@@ -76,14 +76,14 @@ def report(df: pd.DataFrame) -> str:
     table = pd.DataFrame({"mean": g.mean(), "std": g.std(), "n": g.size(), "steps": df.groupby(
         ["proxy", "script"]).steps.mean()}).reset_index()
     table["pod"] = table.script.map(lambda s: port.spec(s).pod_bpb)
-    order = sorted(table.script.unique(), key=lambda s: (-port.spec(s).pod_bpb, s in port.OURS))
+    order = sorted(table.script.unique(), key=lambda s: (-port.spec(s).pod_bpb, s in port.STANDINS))
     lines = ["| proxy | " + " | ".join(f"{s} (pod {port.spec(s).pod_bpb})" for s in order) + " | tau |",
              "|---|" + "---|" * (len(order) + 1)]
     for proxy, t in table.groupby("proxy"):
         t = t.set_index("script")
         cells = [f"{t.at[s, 'mean']:.4f} ± {t.at[s, 'std']:.4f} (n {t.at[s, 'n']}, {t.at[s, 'steps']:.0f} st)"
                  if s in t.index else "—" for s in order]
-        published = t[~t.index.isin(list(port.OURS))]   # ours are the twins' stand-ins, not pod results
+        published = t[~t.index.isin(port.STANDINS)]   # ours and variants stand in for a script: no pod result
         lines.append(f"| {proxy} | " + " | ".join(cells) + f" | {kendall(published['pod'], published['mean']):+.2f} |")
     return "\n".join(lines)
 
