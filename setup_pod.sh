@@ -36,5 +36,6 @@ $PY -c "import brotli, sentencepiece, huggingface_hub" \
   || { echo "setup_pod: a required package failed to import (see above)" >&2; exit 1; }
 echo "setup_pod: brotli, sentencepiece, huggingface_hub import fine"
 
-$PY data/cached_challenge_fineweb.py --train-shards "${TRAIN_SHARDS:-80}"
+# VARIANT=sp4096|sp8192|caseops fetches the records' larger-vocabulary data instead (default sp1024).
+$PY data/cached_challenge_fineweb.py --variant "${VARIANT:-sp1024}" --train-shards "${TRAIN_SHARDS:-80}"
 echo "setup_pod: done"

@@ -54,7 +54,7 @@ class Hyperparameters:
     data_path: str = knob("data/datasets/fineweb10B_sp1024")  #: folder holding the token shards
     tokenizer_path: str = knob("data/tokenizers/fineweb_1024_bpe.model")  #: SentencePiece model of the shards
     train_files: str = knob("*_train_*.bin")  #: glob of training shards, relative to DATA_PATH
-    val_files: str = knob("*_val_*.bin")  #: glob of validation shards, relative to DATA_PATH
+    val_files: str = knob("*_val_[0-9]*.bin")  #: glob of val shards in DATA_PATH (not *_val_bytes_*)
     log_dir: str = knob("logs")  #: folder for <RUN_ID>.txt and <RUN_ID>.json
     artifact_dir: str = knob("artifacts")  #: folder for <RUN_ID>.ptz and checkpoints
     records_dir: str = knob("records")  #: folder of experiments/records.py's <date>_<RUN_ID>/ (kept unused)

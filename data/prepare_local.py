@@ -22,6 +22,12 @@ random order drawn from --shuffle-seed (recorded in the manifest), as FineWeb's 
 in effectively random order: a loader that streams them in order then sees mixed topics, not one source
 after another (in harvest order the warmdown trained on the last modules only; experiments/LOG.md).
 
+With --caseops the documents go through the lossless case transform data/lossless_caps.py (case operators
++ lowercased text) before the tokenizer is trained and they are encoded; the operators are user-defined
+symbols of the tokenizer (one token each), the outputs are named {name}_caseops, and every scored split gets
+a byte sidecar {name}_caseops_{val,heldout}_bytes_000000.bin (the shard format, one uint16 per token: the
+UTF-8 bytes of original text it stands for, 0 for BOS and operators): bits per byte count original bytes.
+
 Reruns are cheap: if manifest.json matches the requested parameters and every
 listed file still has its recorded sha256, the build is skipped; a dataset built
 with other parameters (an older format, another order) is rebuilt.
@@ -43,6 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # allow `python data/prepare_local.py` from any cwd
     sys.path.insert(0, str(REPO_ROOT))
 
+from data import lossless_caps  # noqa: E402
 from data.shard_io import iter_shard_paths, write_shards  # noqa: E402
 from train_gpt import write_atomic  # noqa: E402
 
@@ -74,6 +81,7 @@ SP_TRAINER_SPEC = {
 }
 SP_SEED = 1337
 
+SCORED_SPLITS = ("val", "heldout")   # --caseops writes a byte sidecar for these
 SPLIT_BUCKETS = 10_000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -209,6 +217,17 @@ def encode_documents(sp, docs: list[str]):
         yield [BOS_ID] + ids
 
 
+def encode_caseops_with_bytes(sp, docs: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    """Per document, [BOS] + the ids of its CaseOps text, and per token the UTF-8 bytes of the original
+    document it stands for (BOS and operators 0); the byte counts of a document sum to its UTF-8 length."""
+    tokens, counts = [], []
+    for doc in docs:
+        ids, doc_counts = lossless_caps.token_byte_counts(sp, lossless_caps.encode(doc))
+        tokens.append([BOS_ID] + ids)
+        counts.append([0] + doc_counts)
+    return tokens, counts
+
+
 # ------------------------------------------------------------ file helpers
 
 def sha256_file(path: Path) -> str:
@@ -232,8 +251,14 @@ def output_paths(out_root: Path, name: str, vocab_size: int = VOCAB_SIZE) -> dic
 
 # --------------------------------------------------------------- manifest
 
+def tokenizer_spec(vocab_size: int = VOCAB_SIZE, caseops: bool = False) -> dict:
+    """SP_TRAINER_SPEC at vocab_size; with caseops the operators are user-defined symbols (one piece each)."""
+    extra = {"user_defined_symbols": list(lossless_caps.OPERATORS)} if caseops else {}
+    return {**SP_TRAINER_SPEC, "vocab_size": vocab_size, **extra}
+
+
 def requested_params(name: str, val_fraction: float, tokens_per_shard: int, source_key: dict,
-                     shuffle_seed: int = 0, vocab_size: int = VOCAB_SIZE) -> dict:
+                     shuffle_seed: int = 0, vocab_size: int = VOCAB_SIZE, caseops: bool = False) -> dict:
     return {
         "format": MANIFEST_FORMAT,
         "name": name,
@@ -241,11 +266,12 @@ def requested_params(name: str, val_fraction: float, tokens_per_shard: int, sour
         "tokens_per_shard": tokens_per_shard,
         "train_order": "shuffled",
         "shuffle_seed": shuffle_seed,
-        "tokenizer_spec": {**SP_TRAINER_SPEC, "vocab_size": vocab_size},
+        "tokenizer_spec": tokenizer_spec(vocab_size, caseops),
         "tokenizer_seed": SP_SEED,
         "bos_per_document": True,
         "eos_per_document": False,
         "source_key": source_key,
+        **({"text_transform": lossless_caps.NAME} if caseops else {}),
     }
 
 
@@ -263,7 +289,11 @@ def manifest_is_current(paths: dict, params: dict, out_root: Path) -> dict | Non
     tok_path = out_root / tok.get("path", "")
     if not tok_path.is_file() or sha256_file(tok_path) != tok.get("sha256"):
         return None
-    for split, info in manifest.get("splits", {}).items():
+    sidecars = manifest.get("byte_sidecars", {})
+    stray = [f"{s}_bytes" for s in SCORED_SPLITS if f"{s}_bytes" not in sidecars]
+    if any(any(iter_shard_paths(paths["dataset_dir"], params["name"], split)) for split in stray):
+        return None     # a stray sidecar: the trainer's *_val_* glob would read it
+    for split, info in {**manifest.get("splits", {}), **sidecars}.items():
         listed = [paths["dataset_dir"] / s["file"] for s in info.get("shards", [])]
         on_disk = list(iter_shard_paths(paths["dataset_dir"], params["name"], split))
         if sorted(listed) != on_disk:
@@ -272,6 +302,11 @@ def manifest_is_current(paths: dict, params: dict, out_root: Path) -> dict | Non
             if sha256_file(p) != shard["sha256"]:
                 return None
     return manifest
+
+
+def shard_list(shard_paths: list[Path]) -> list[dict]:
+    return [{"file": p.name, "tokens": (p.stat().st_size - 1024) // 2, "sha256": sha256_file(p)}
+            for p in shard_paths]
 
 
 def split_summary(docs: list[str], shard_paths: list[Path], token_count: int) -> dict:
@@ -283,10 +318,7 @@ def split_summary(docs: list[str], shard_paths: list[Path], token_count: int) ->
         "content_tokens": content_tokens,
         "text_bytes": text_bytes,
         "bytes_per_token": round(text_bytes / max(content_tokens, 1), 4),
-        "shards": [
-            {"file": p.name, "tokens": (p.stat().st_size - 1024) // 2, "sha256": sha256_file(p)}
-            for p in shard_paths
-        ],
+        "shards": shard_list(shard_paths),
     }
 
 
@@ -297,27 +329,41 @@ def build(out_root: Path, name: str, docs: list[str], description: str, params: 
     import sentencepiece as spm
 
     vocab_size = params["tokenizer_spec"]["vocab_size"]
+    caseops = params.get("text_transform") == lossless_caps.NAME
     paths = output_paths(out_root, name, vocab_size)
-    train_docs, val_docs = split_documents(docs, params["val_fraction"])
+    train_docs, val_docs = split_documents(docs, params["val_fraction"])   # by the original text's hash
 
     # Remove the old manifest first so an interrupted build is never "current".
     paths["manifest"].unlink(missing_ok=True)
 
-    model_bytes = train_tokenizer(train_docs, params["tokenizer_spec"])
+    model_bytes = train_tokenizer([lossless_caps.encode(d) for d in train_docs] if caseops else train_docs,
+                                  params["tokenizer_spec"])
     write_atomic(paths["tokenizer"], model_bytes)
     sp = spm.SentencePieceProcessor(model_proto=model_bytes)
     if sp.get_piece_size() != vocab_size:
         raise SystemExit(f"prepare_local: error: tokenizer has {sp.get_piece_size()} pieces, expected {vocab_size}")
     write_atomic(paths["vocab"], vocab_text(sp).encode("utf-8"))
+    operator_ids = [sp.piece_to_id(op) for op in lossless_caps.OPERATORS] if caseops else []
+    if any(sp.encode(op) != [i] for op, i in zip(lossless_caps.OPERATORS, operator_ids)):
+        raise SystemExit("prepare_local: error: the tokenizer does not keep each case operator as one token")
 
-    splits = {}
+    splits, sidecars = {}, {}
     train_docs = shuffled(train_docs, params["shuffle_seed"])   # the tokenizer saw them in input order
     for split, split_docs in (("train", train_docs), ("val", val_docs), ("heldout", heldout or [])):
         if not split_docs:
             continue
-        for stale in iter_shard_paths(paths["dataset_dir"], name, split):
+        for stale in [*iter_shard_paths(paths["dataset_dir"], name, split),
+                      *iter_shard_paths(paths["dataset_dir"], name, f"{split}_bytes")]:
             stale.unlink()
-        token_lists = list(encode_documents(sp, split_docs))
+        if caseops and split in SCORED_SPLITS:
+            token_lists, byte_lists = encode_caseops_with_bytes(sp, split_docs)
+            byte_paths = write_shards(paths["dataset_dir"], name, f"{split}_bytes", byte_lists,
+                                      tokens_per_shard=params["tokens_per_shard"])
+            sidecars[f"{split}_bytes"] = {"of_split": split, "original_bytes": sum(map(sum, byte_lists)),
+                                          "shards": shard_list(byte_paths)}
+        else:
+            token_lists = list(encode_documents(
+                sp, [lossless_caps.encode(d) for d in split_docs] if caseops else split_docs))
         shard_paths = write_shards(paths["dataset_dir"], name, split, token_lists,
                                    tokens_per_shard=params["tokens_per_shard"])
         splits[split] = split_summary(split_docs, shard_paths, sum(len(t) for t in token_lists))
@@ -333,6 +379,10 @@ def build(out_root: Path, name: str, docs: list[str], description: str, params: 
         "dataset_dir": paths["dataset_dir"].relative_to(out_root).as_posix(),
         "splits": splits,
     }
+    if caseops:
+        manifest["tokenizer"]["caseops_operator_ids"] = dict(zip(("title", "allcaps", "capnext", "esc"),
+                                                                 operator_ids))
+        manifest["byte_sidecars"] = sidecars
     write_atomic(paths["manifest"], (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest
 
@@ -354,12 +404,16 @@ def format_summary(manifest: dict, out_root: Path) -> str:
     for split in [k for k in ("train", "val", "heldout") if k in manifest["splits"]]:
         names = ", ".join(s["file"] for s in manifest["splits"][split]["shards"])
         lines.append(f"    {split}: {names}")
+    for split, info in manifest.get("byte_sidecars", {}).items():
+        names = ", ".join(s["file"] for s in info["shards"])
+        lines.append(f"    {split}: {names} ({info['original_bytes']:,} original bytes)")
     return "\n".join(lines)
 
 
 def run(out_root=None, name: str = "local", text_dir=None, jsonl=None,
         val_fraction: float = 0.05, tokens_per_shard: int = 100_000_000,
-        force: bool = False, log=print, shuffle_seed: int = 0, vocab_size: int = VOCAB_SIZE) -> dict:
+        force: bool = False, log=print, shuffle_seed: int = 0, vocab_size: int = VOCAB_SIZE,
+        caseops: bool = False) -> dict:
     """Build (or confirm) the local corpus. Returns a dict with the manifest,
     `dataset_dir`, `tokenizer_path` and `up_to_date` (True when skipped)."""
     start = time.perf_counter()
@@ -367,6 +421,7 @@ def run(out_root=None, name: str = "local", text_dir=None, jsonl=None,
     validate_args(name, val_fraction, tokens_per_shard)
     if not 260 <= vocab_size <= 65536:   # byte fallback needs 256 pieces + 4 ids; shards store uint16
         raise SystemExit(f"prepare_local: error: --vocab-size {vocab_size}: expected 260 to 65536")
+    name = f"{name}_caseops" if caseops else name
     paths = output_paths(out_root, name, vocab_size)
 
     heldout = None
@@ -378,7 +433,8 @@ def run(out_root=None, name: str = "local", text_dir=None, jsonl=None,
     else:
         docs, description = read_user_documents(text_dir and Path(text_dir), jsonl and Path(jsonl))
         source_key = {"kind": "user-text", "corpus_sha256": corpus_sha256(docs)}
-    params = requested_params(name, val_fraction, tokens_per_shard, source_key, shuffle_seed, vocab_size)
+    params = requested_params(name, val_fraction, tokens_per_shard, source_key, shuffle_seed, vocab_size,
+                              caseops)
 
     manifest = None if force else manifest_is_current(paths, params, out_root)
     up_to_date = manifest is not None
@@ -424,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the train documents' random order, recorded in the manifest (default: 0)")
     p.add_argument("--vocab-size", type=int, default=VOCAB_SIZE,
                    help="the BPE's pieces (default: 1024, the challenge's; the records use 4096 and 8192)")
+    p.add_argument("--caseops", action="store_true",
+                   help="apply the lossless case transform (data/lossless_caps.py) before training and "
+                        "encoding; outputs are named NAME_caseops; val/heldout get *_bytes_* sidecars")
     p.add_argument("--force", action="store_true", help="rebuild even if the manifest says up to date")
     return p
 
@@ -432,7 +491,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     run(out_root=args.out_root, name=args.name, text_dir=args.text_dir, jsonl=args.jsonl,
         val_fraction=args.val_fraction, tokens_per_shard=args.tokens_per_shard, force=args.force,
-        shuffle_seed=args.shuffle_seed, vocab_size=args.vocab_size)
+        shuffle_seed=args.shuffle_seed, vocab_size=args.vocab_size, caseops=args.caseops)
     return 0
 
 

@@ -83,7 +83,7 @@ case "$PROFILE" in
       export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"
       export TRAIN_TFLOPS="${TRAIN_TFLOPS:-6.1}"
       export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-      export VAL_FILES="${VAL_FILES:-*_heldout_*.bin}"               # paired eval noise ~0.002 (LOG.md)
+      export VAL_FILES="${VAL_FILES:-*_heldout_[0-9]*.bin}"               # paired eval noise ~0.002 (LOG.md)
       export EVAL_STRIDE="${EVAL_STRIDE:-$EVAL_SEQ_LEN}"             # plain windows: the held-out pool is big
       export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-50}"
       export VAL_MAX_TOKENS="${VAL_MAX_TOKENS:-65536}"               # the curves' checks; scores use it all

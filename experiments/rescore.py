@@ -1,6 +1,6 @@
 """Score every artifact of a sweep on another validation split, paired by seed against the control:
     python experiments/rescore.py experiments/<slug> [VAL_FILES] [EVAL_STRIDE]
-(default `*_val_*.bin`, the bundled val split, stride 64). The CPU proxy scores on the held-out pool; this
+(default `*_val_[0-9]*.bin`, the bundled val split, stride 64). The CPU proxy scores on the held-out pool; this
 gives the same runs' score on the demo's own split. Writes results/rescore_<files>.tsv and prints the
 paired table (mean Δ vs control, 95% CI, paired p), from the same statistics as ablate.py."""
 import sys
@@ -17,7 +17,7 @@ import train_gpt as tg  # noqa: E402
 
 
 def main() -> None:
-    exp, files = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "*_val_*.bin"
+    exp, files = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "*_val_[0-9]*.bin"
     stride = int(sys.argv[3]) if len(sys.argv) > 3 else 64
     rows = pd.read_csv(exp / "results" / "results.tsv", sep="\t", dtype={"run_id": str})
     rows = rows[rows.status == "ok"].assign(artifact=lambda r: [exp.resolve().parents[1] / a for a in r.artifact])

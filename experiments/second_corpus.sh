@@ -9,4 +9,4 @@ elif [ ! -e data/datasets/vimdoc_sp1024/manifest.json ]; then
   echo "second_corpus.sh: no /usr/share/vim/vim*/doc here: build a second corpus with data/prepare_local.py --text-dir DIR --name vimdoc" >&2
 fi
 export DATA_PATH=data/datasets/vimdoc_sp1024 TOKENIZER_PATH=data/tokenizers/vimdoc_1024_bpe.model
-export VAL_FILES='*_val_*.bin'
+export VAL_FILES='*_val_[0-9]*.bin'   # the shards, not their byte sidecars (*_val_bytes_*)

@@ -3,6 +3,7 @@ import json
 import random
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -352,19 +353,21 @@ def test_shipped_corpus_is_the_harvest_of_python_3_11_7(tmp_path):
 # --------------------------------------------------- cached_challenge_fineweb
 
 class FakeHub:
-    """Stands in for hf_hub_download(local_dir=...): records requests, writes files."""
+    """Stands in for hf_hub_download(local_dir=...): records requests, writes files (`shards`: the tokens
+    of the shards with these file names; every other shard holds a short ramp)."""
 
-    def __init__(self, files_train=195, files_val=1):
+    def __init__(self, files_train=195, files_val=1, dataset="fineweb10B_sp1024", shards=None, **manifest):
         self.calls = []
-        self.manifest = {"datasets": [{"name": "fineweb10B_sp1024",
-                                       "stats": {"files_train": files_train, "files_val": files_val}}]}
+        self.shards = shards or {}
+        stats = {"files_train": files_train, "files_val": files_val}
+        self.manifest = {"datasets": [{"name": dataset, "stats": stats}], **manifest}
 
     def __call__(self, *, repo_id, filename, repo_type, local_dir, **kw):
         self.calls.append({"repo_id": repo_id, "filename": filename, "repo_type": repo_type})
         dest = Path(local_dir) / filename
         dest.parent.mkdir(parents=True, exist_ok=True)
         if filename.endswith(".bin"):
-            write_shard(dest, np.arange(len(self.calls) + 5))
+            write_shard(dest, self.shards.get(Path(filename).name, np.arange(len(self.calls) + 5)))
         elif filename.endswith("manifest.json"):
             dest.write_text(json.dumps(self.manifest))
         else:
@@ -451,3 +454,152 @@ def test_unreachable_hub_exits_with_one_line_pointing_to_prepare_local(tmp_path,
     assert "unreachable" in err and "python data/prepare_local.py" in err
     assert "ConnectionError" in err
     assert not list((tmp_path).rglob("*.bin"))
+
+
+CASEOPS = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+
+
+def caseops_hub(val_docs=50_000, sidecar_tokens=None, **manifest):
+    """A caseops repo whose val shard holds val_docs documents of 3 tokens ([BOS, 5, 6]) and whose sidecar
+    gives them 0, 2 and 3 original bytes."""
+    shards = {"fineweb_val_000000.bin": np.tile([1, 5, 6], val_docs),
+              "fineweb_val_bytes_000000.bin": np.tile([0, 2, 3], val_docs)[:sidecar_tokens]}
+    return FakeHub(dataset=CASEOPS, shards=shards, **manifest)
+
+
+@pytest.mark.parametrize("variant, repo, dataset, tokenizer", [
+    ("sp4096", "kevclark/parameter-golf", "fineweb10B_sp4096", "fineweb_4096_bpe"),
+    ("sp8192", "kevclark/parameter-golf", "fineweb10B_sp8192", "fineweb_8192_bpe"),
+    ("caseops", "romeerp/parameter-golf-caseops-v1", CASEOPS,
+     "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved"),
+])
+def test_each_variant_requests_its_repo_and_files_and_places_them(tmp_path, hub_env, variant, repo, dataset,
+                                                                  tokenizer):
+    hub = caseops_hub() if variant == "caseops" else FakeHub(dataset=dataset)
+    ccf.fetch_all(tmp_path, 2, download=hub, log=lambda *a: None, variant=variant)
+    base = f"datasets/datasets/{dataset}"
+    sidecar = [f"{base}/fineweb_val_bytes_000000.bin"] if variant == "caseops" else []
+    assert hub.names == ["datasets/manifest.json",
+                         f"datasets/tokenizers/{tokenizer}.model", f"datasets/tokenizers/{tokenizer}.vocab",
+                         f"{base}/fineweb_val_000000.bin", *sidecar,
+                         f"{base}/fineweb_train_000000.bin", f"{base}/fineweb_train_000001.bin"]
+    assert {c["repo_id"] for c in hub.calls} == {repo} and {c["repo_type"] for c in hub.calls} == {"dataset"}
+    assert sorted(p.name for p in (tmp_path / "datasets").iterdir()) == [dataset]
+    assert sorted(p.name for p in (tmp_path / "datasets" / dataset).iterdir()) == sorted(
+        n.rsplit("/", 1)[1] for n in hub.names if n.endswith(".bin"))
+    assert (tmp_path / "tokenizers" / f"{tokenizer}.model").is_file()
+    if variant == "caseops":
+        side = read_tokens(tmp_path / "datasets" / dataset / "fineweb_val_bytes_000000.bin")
+        assert side.sum() == 5 * 50_000 and side[:3].tolist() == [0, 2, 3]
+
+
+def test_caseops_sidecar_is_size_checked_skipped_when_complete_and_refetched_when_broken(tmp_path, hub_env):
+    ccf.fetch_all(tmp_path, 1, download=caseops_hub(), log=lambda *a: None, variant="caseops")
+    hub = caseops_hub()
+    ccf.fetch_all(tmp_path, 1, download=hub, log=lambda *a: None, variant="caseops")
+    assert hub.calls == []
+    sidecar = tmp_path / "datasets" / CASEOPS / "fineweb_val_bytes_000000.bin"
+    sidecar.write_bytes(sidecar.read_bytes()[:-2])                      # an interrupted download
+    ccf.fetch_all(tmp_path, 1, download=hub, log=lambda *a: None, variant="caseops")
+    assert hub.names == [f"datasets/datasets/{CASEOPS}/fineweb_val_bytes_000000.bin"]
+    assert shard_size_ok(sidecar)
+
+    def truncating(**kw):                                               # a hub that serves a broken sidecar
+        got = Path(hub(**kw))
+        if got.name == sidecar.name:
+            got.write_bytes(got.read_bytes()[:-2])
+        return str(got)
+
+    sidecar.unlink()
+    with pytest.raises(ccf.DownloadError, match="fineweb_val_bytes_000000.bin.*incomplete"):
+        ccf.fetch_all(tmp_path, 1, download=truncating, log=lambda *a: None, variant="caseops")
+
+
+def test_caseops_val_split_of_10000_documents_is_refused_before_any_train_shard(tmp_path, hub_env, capsys):
+    hub = caseops_hub(val_docs=10_000)
+    with pytest.raises(SystemExit) as exc:
+        ccf.main(["--variant", "caseops", "--train-shards", "3", "--out-root", str(tmp_path)], download=hub)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    val = tmp_path / "datasets" / CASEOPS / "fineweb_val_000000.bin"
+    assert err.count("\n") == 1 and err.startswith("cached_challenge_fineweb: error: ")
+    assert f"{val}: the validation shards hold 10,000 documents" in err and "not 50,000" in err
+    assert not any("train" in n for n in hub.names)
+
+    with pytest.raises(ValueError, match=r"manifest.json: .*num_val_docs=10000, not 50,000"):
+        ccf.fetch_all(tmp_path / "m", 1, download=caseops_hub(num_val_docs=10_000), log=lambda *a: None,
+                      variant="caseops")
+    with pytest.raises(ValueError, match=r"fineweb_val_bytes_000000.bin: the byte sidecar does not parallel"):
+        ccf.fetch_all(tmp_path / "s", 1, download=caseops_hub(sidecar_tokens=-1), log=lambda *a: None,
+                      variant="caseops", use_manifest=False)
+    ccf.fetch_all(tmp_path / "ok", 1, download=caseops_hub(num_val_docs=50_000), log=lambda *a: None,
+                  variant="caseops")
+
+
+def test_a_manifest_of_another_variant_is_fetched_again(tmp_path, hub_env):
+    ccf.fetch_all(tmp_path, 1, download=FakeHub(), log=lambda *a: None)
+    hub = FakeHub(dataset="fineweb10B_sp8192", files_train=1)
+    with pytest.raises(ValueError, match="fineweb10B_sp8192 has only 1 train shards on kevclark/parameter-g"):
+        ccf.fetch_all(tmp_path, 2, download=hub, log=lambda *a: None, variant="sp8192")
+    assert hub.names == ["datasets/manifest.json"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["datasets"][0]["name"] == "fineweb10B_sp8192"
+    with pytest.raises(SystemExit):
+        ccf.build_parser().parse_args(["--variant", "sp2048"])
+
+
+# --------------------------------------------------------- prepare_local --caseops
+
+def test_prepare_local_caseops_builds_single_token_operators_and_an_exact_byte_sidecar(tmp_path, small_docs,
+                                                                                      capsys):
+    """Half the documents as they are (indentation, newlines: the tokenizer's normalizer drops some of it),
+    half made normalizer-proof (NFKC, single spaces), plus some with every kind of case and a literal
+    operator. The sidecar sums to the original val text's UTF-8 bytes; normalizer-proof val documents
+    come back exactly from the shards through sp.decode and lossless_caps.decode."""
+    from data import lossless_caps
+    extra = [f"Hello WORLD foo McDonald iPhone ÉCOLE ΟΔΟΣ straße İstanbul {lossless_caps.TITLE} doc {i}"
+             for i in range(40)]
+    clean = [" ".join(unicodedata.normalize("NFKC", d).split()) for d in small_docs[::2]] + extra
+    docs = small_docs[1::2] + clean
+    text_dir = _write_text_dir(tmp_path / "text", docs)
+    out = tmp_path / "out"
+    args = ["--text-dir", str(text_dir), "--out-root", str(out), "--name", "tiny", "--val-fraction", "0.2",
+            "--caseops", "--vocab-size", "512"]
+    printed = _build(args, capsys)
+    assert "built: tiny_caseops_sp512" in printed and "tiny_caseops_val_bytes_000000.bin" in printed
+    dataset = out / "datasets" / "tiny_caseops_sp512"
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizers" / "tiny_caseops_512_bpe.model"))
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    assert manifest["params"]["text_transform"] == lossless_caps.NAME
+    op_ids = [sp.piece_to_id(op) for op in lossless_caps.OPERATORS]
+    names = ["title", "allcaps", "capnext", "esc"]
+    assert manifest["tokenizer"]["caseops_operator_ids"] == dict(zip(names, op_ids))
+    assert sp.unk_id() not in op_ids
+    for op, i in zip(lossless_caps.OPERATORS, op_ids):
+        assert sp.encode(op) == [i] and sp.encode(f"ab{op}cd") == sp.encode("ab") + [i] + sp.encode("cd")
+
+    val_docs = [d for d in _files_in_read_order(text_dir) if prepare_local.is_val_doc(d, 0.2)]
+    stream = read_tokens(dataset / "tiny_caseops_val_000000.bin")
+    sidecar = read_tokens(dataset / "tiny_caseops_val_bytes_000000.bin")
+    assert len(sidecar) == len(stream) and sidecar.sum() == sum(len(d.encode()) for d in val_docs)
+    assert sidecar.sum() == manifest["byte_sidecars"]["val_bytes"]["original_bytes"]
+    escaped = np.r_[False, stream[:-1] == op_ids[3]]                   # a literal operator after ESC
+    assert escaped.any() and (sidecar[escaped] == 3).all()
+    assert not sidecar[(stream == 1) | (np.isin(stream, op_ids) & ~escaped)].any()   # BOS, operators: 0
+    starts = np.flatnonzero(stream == 1).tolist() + [len(stream)]
+    assert len(starts) - 1 == len(val_docs)
+    round_trips = 0
+    for doc, a, b in zip(val_docs, starts, starts[1:]):
+        ids = stream[a + 1:b].tolist()
+        assert ids == sp.encode(lossless_caps.encode(doc)) and sidecar[a:b].sum() == len(doc.encode())
+        if doc in clean:
+            assert lossless_caps.decode(sp.decode(ids)) == doc
+            round_trips += 1
+    assert round_trips > 10 and any(doc in extra for doc in val_docs)
+    train = read_tokens(dataset / "tiny_caseops_train_000000.bin")
+    assert set(op_ids[:3]) <= set(train.tolist())                       # TITLE, ALLCAPS, CAPNEXT all used
+
+    assert _build(args, capsys).startswith("up to date: tiny_caseops_sp512")
+    sidecar_path = dataset / "tiny_caseops_val_bytes_000000.bin"
+    sidecar_path.write_bytes(sidecar_path.read_bytes()[:-2] + b"\x00\x00")
+    assert _build(args, capsys).startswith("built:")                    # a damaged sidecar is rebuilt
+    assert read_tokens(sidecar_path).tolist() == sidecar.tolist()

@@ -188,3 +188,17 @@ def test_the_submission_stays_within_its_byte_and_column_budget():
     assert len(tg.packed_code()) <= 36_000
     lines = (ROOT / "train_gpt.py").read_text().splitlines()
     assert not [i + 1 for i, line in enumerate(lines) if len(line) > 110]
+
+
+def test_validation_globs_take_the_shards_not_their_byte_sidecars():
+    """A CaseOps dataset ships fineweb_val_bytes_000000.bin beside fineweb_val_000000.bin (prepare_local --caseops
+    writes <name>_val_bytes_* and <name>_heldout_bytes_*): the default and the profiles' globs must skip them."""
+    import fnmatch
+    import re
+    names = ["fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin", "local_heldout_000000.bin",
+             "local_heldout_bytes_000000.bin", "fineweb_train_000001.bin"]
+    assert fnmatch.filter(names, tg.Hyperparameters().val_files) == ["fineweb_val_000000.bin"]
+    profile = (ROOT / "experiments" / "profile.sh").read_text()
+    assert fnmatch.filter(names, re.search(r'VAL_FILES:-([^}]*)', profile).group(1)) == ["local_heldout_000000.bin"]
+    second = (ROOT / "experiments" / "second_corpus.sh").read_text()
+    assert fnmatch.filter(names, re.search(r"VAL_FILES='([^']*)'", second).group(1)) == ["fineweb_val_000000.bin"]
