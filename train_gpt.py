@@ -18,7 +18,7 @@ DRY_RUN, the records writer, the ablation runner) live in experiments/ and impor
 from __future__ import annotations
 
 import ast, base64, contextlib, copy, dataclasses, difflib, errno, functools, glob, hashlib, io  # noqa: E401
-import json, math, os, platform, shutil, subprocess, sys, tempfile, time, uuid  # noqa: E401
+import json, math, os, platform, re, shutil, subprocess, sys, tempfile, time, uuid  # noqa: E401
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
@@ -1251,7 +1251,7 @@ class Trainer:
         self.restore(saved)
         self.log(f"warmup:done steps:{self.hp.warmup_steps} seconds:{time.perf_counter() - t0:.1f}")
 
-    def validate(self, val_tokens: Tensor, luts: ByteLUTs, full: bool) -> dict:
+    def validate(self, val_tokens: Tensor, luts: ByteLUTs | Tensor, full: bool) -> dict:
         hp = self.hp
         check = val_tokens if full or not hp.val_max_tokens else val_tokens[: hp.val_max_tokens + 1]
         with self.clock.paused():
@@ -1938,10 +1938,11 @@ def autocast(device: torch.device):
         torch.autocast("cpu", enabled=False)
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLUTs, seq_len: int, stride: int, batch_tokens: int,
-             dinfo: DistInfo, device: torch.device, log: Logger | None = None) -> tuple[float, float]:
+def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len: int, stride: int,
+             batch_tokens: int, dinfo: DistInfo, device: torch.device, log: Logger | None = None) -> tuple:
     """(val_loss in nats/token, val_bpb) over `tokens`, windows split across ranks. Every batch has the same
-    shape (the last is padded with windows that score nothing): one compiled graph. With a log: progress."""
+    shape (the last is padded with windows that score nothing): one compiled graph. With a log: progress.
+    luts: the tokenizer's byte LUTs, or a byte sidecar: each token's bytes of the original text."""
     seq_len = min(seq_len, tokens.numel() - 1)
     windows = sliding_windows(tokens.numel(), seq_len, stride)
     mine = windows[dinfo.rank::dinfo.world_size]
@@ -1960,7 +1961,8 @@ def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLUTs, seq_len: int, str
             nll = model(x, y, per_token=True).double()
         keep = offsets >= torch.tensor(firsts, device=device)[:, None]
         sums[0] += nll[keep].sum()
-        sums[1] += target_bytes(x[keep], y[keep], luts).double().sum()
+        sums[1] += (target_bytes(x[keep], y[keep], luts) if isinstance(luts, ByteLUTs) else torch.stack(
+            [luts[s + 1:s + seq_len + 1] for s, _ in chunk]).to(device)[keep]).double().sum()
         sums[2] += keep.sum()
         if log and n % max(1, len(starts) // 10) == 0 and n < len(starts):
             spent = time.perf_counter() - t0
@@ -2011,7 +2013,7 @@ def score_artifact(path: Path, hp: Hyperparameters, data: RunData, dinfo: DistIn
 class RunData:
     train_files: list[Path]
     val_tokens: Tensor
-    luts: ByteLUTs
+    luts: ByteLUTs | Tensor   # the val tokens' byte sidecar when the dataset has one (CaseOps), else the LUTs
     tokenizer_sha256: str
     backend: str
     seconds: float = 0.0
@@ -2127,8 +2129,22 @@ def preflight(hp: Hyperparameters, dinfo: DistInfo, device: torch.device, run_id
     q = torch.randn(1, 8, hp.num_heads, hp.model_dim // hp.num_heads, device=device, dtype=dtype)
     causal_attention(q, q[:, :, :hp.num_kv_heads], q[:, :, :hp.num_kv_heads], backend)  # it runs our shapes
     sha = hashlib.sha256(Path(hp.tokenizer_path).read_bytes()).hexdigest()
-    luts = build_byte_luts(sp, hp.vocab_size)
+    sidecar = val_bytes(files, val_tokens)
+    luts = build_byte_luts(sp, hp.vocab_size) if sidecar is None else sidecar
     return RunData(train_files, val_tokens, luts, sha, backend, time.perf_counter() - t0)
+
+def val_bytes(files: list[Path], val_tokens: Tensor) -> Tensor | None:
+    """The byte sidecars <x>_bytes_<n>.bin of the val shards <x>_<n>.bin (all or none): the original text's
+    UTF-8 bytes of each token (0 for CaseOps operators and BOS), which the LUTs cannot know."""
+    sidecars = [f.with_name(re.sub(r"_(\d+)\.bin$", r"_bytes_\1.bin", f.name)) for f in files]
+    if not any(p.exists() for p in sidecars):
+        return None
+    missing = next((str(p) for p in sidecars if not p.exists()), "")
+    require(not missing, missing, "is missing: every val shard needs its byte sidecar, or none", DataError)
+    counts = torch.cat([load_data_shard(p) for p in sidecars]).long()
+    require(counts.numel() == val_tokens.numel(), str(sidecars[0]), f"holds {counts.numel()} byte counts "
+            f"for {val_tokens.numel()} val tokens", DataError)
+    return counts
 
 def calibration_batches(loader: DistributedTokenLoader, hp: Hyperparameters, dinfo: DistInfo) -> list[Tensor]:
     n, micro = max(1, hp.gptq_calib_batches // dinfo.world_size), hp.train_batch_tokens // hp.accum_splits
@@ -2194,6 +2210,7 @@ def run(hp: Hyperparameters, dinfo: DistInfo, device: torch.device) -> dict:
         f"world:{dinfo.world_size}")
     log("env: " + " ".join(f"{k.upper()}={getattr(hp, k)}" for k in sorted(hp.explicit)))
     log.kv(train_shards=len(data.train_files), val_tokens=data.val_tokens.numel(), attention=data.backend,
+           val_bytes="luts" if isinstance(data.luts, ByteLUTs) else "sidecar",
            preflight_seconds=f"{data.seconds:.1f}")
     if hp.eval_only:
         check_submission_hash(Path(hp.eval_only))

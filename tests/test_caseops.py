@@ -145,3 +145,48 @@ def test_token_byte_counts_keep_operators_at_zero_with_a_caseops_tokenizer(tmp_p
     assert pieces[0] == TITLE and counts[0] == 0 and pieces.count(ESC) == 1
     assert [c for p, c in zip(pieces, counts) if p in lc.OPERATORS] == [0, 0, 0, 3]
     assert sum(counts) == len(text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------- scoring by a byte sidecar (train_gpt.py)
+
+def test_scoring_by_a_sidecar_equals_the_luts_where_caseops_emits_no_operator(local_corpus):
+    """On text the transform leaves alone (lower case, in the tokenizer's normal form), the sidecar's counts are
+    the LUTs' counts: the same val_bpb to the last bit; and the counts sum to the text's UTF-8 bytes."""
+    import torch
+    import train_gpt as tg
+    from test_model import small_hp
+    sp = spm.SentencePieceProcessor(model_file=str(local_corpus[1]))
+    docs = ["the quick brown fox jumps over the lazy dog", "return the value of x, then print it.",
+            "for each item in the list: call f(item) and keep the result", "naïve café, déjà vu — 3.5 µs"]
+    tokens, counts = [], []
+    for doc in docs:
+        assert lc.encode(doc) == doc
+        ids, n = lc.token_byte_counts(sp, doc)
+        tokens, counts = tokens + [tg.BOS_ID, *ids], counts + [0, *n]
+    assert sum(counts) == sum(len(d.encode()) for d in docs)
+    torch.manual_seed(0)
+    model = tg.CrawlerGPT(small_hp(VOCAB_SIZE=1024))
+    tokens = torch.tensor(tokens)
+    args = (16, 8, 64, tg.DistInfo(), torch.device("cpu"))
+    by_luts = tg.evaluate(model, tokens, tg.build_byte_luts(sp, 1024), *args)
+    by_sidecar = tg.evaluate(model, tokens, torch.tensor(counts), *args)
+    assert by_sidecar == by_luts
+    doubled = tg.evaluate(model, tokens, 2 * torch.tensor(counts), *args)   # the sidecar is what counts
+    assert doubled[0] == by_luts[0] and doubled[1] == pytest.approx(by_luts[1] / 2, rel=1e-12)
+
+
+def test_val_sidecars_are_found_beside_their_shards_all_or_none(tmp_path):
+    import torch
+    import train_gpt as tg
+    from data.shard_io import write_shard
+    shards = [write_shard(tmp_path / f"d_val_00000{i}.bin", [1, 5, 6, 7]) for i in range(2)]
+    tokens = torch.cat([tg.load_data_shard(p) for p in shards])
+    assert tg.val_bytes(shards, tokens) is None                      # no sidecar: the LUTs score
+    write_shard(tmp_path / "d_val_bytes_000000.bin", [0, 1, 2, 3])
+    with pytest.raises(tg.DataError, match="d_val_bytes_000001.bin: is missing"):
+        tg.val_bytes(shards, tokens)
+    write_shard(tmp_path / "d_val_bytes_000001.bin", [0, 4, 0])
+    with pytest.raises(tg.DataError, match="holds 7 byte counts for 8 val tokens"):
+        tg.val_bytes(shards, tokens)
+    write_shard(tmp_path / "d_val_bytes_000001.bin", [0, 4, 0, 2])
+    assert tg.val_bytes(shards, tokens).tolist() == [0, 1, 2, 3, 0, 4, 0, 2]

@@ -597,6 +597,12 @@ def test_prepare_local_caseops_builds_single_token_operators_and_an_exact_byte_s
     assert round_trips > 10 and any(doc in extra for doc in val_docs)
     train = read_tokens(dataset / "tiny_caseops_train_000000.bin")
     assert set(op_ids[:3]) <= set(train.tolist())                       # TITLE, ALLCAPS, CAPNEXT all used
+    # train_gpt.py's preflight finds the sidecar and scores by it (the LUTs would charge each operator bytes)
+    hp = train_gpt.Hyperparameters.from_env({"DATA_PATH": str(dataset), "VOCAB_SIZE": "512", "TRAIN_SEQ_LEN": "64",
+                                             "EVAL_SEQ_LEN": "64", "TOKENIZER_PATH": str(out / "tokenizers" /
+                                                                                         "tiny_caseops_512_bpe.model")})
+    data = train_gpt.preflight(hp, train_gpt.DistInfo(), torch.device("cpu"))
+    assert isinstance(data.luts, torch.Tensor) and data.luts.tolist() == sidecar.tolist()
 
     assert _build(args, capsys).startswith("up to date: tiny_caseops_sp512")
     sidecar_path = dataset / "tiny_caseops_val_bytes_000000.bin"
