@@ -160,7 +160,8 @@ class Hyperparameters:
     gptq_calib_batches: int = knob(16, 1, 4096)  #: training micro-batches (all ranks) for the GPTQ Hessians
     gptq_loop_aware: str = knob("auto", choices=("auto", "0", "1"))  #: loop-aware GPTQ (auto: with a crawler)
     gptq_reserve_seconds: float = knob(30.0, 0)  #: seconds of MAX_WALLCLOCK_SECONDS kept for calibration
-    embed_quant: str = knob("int8", choices=("int8", "int6", "fp16"))  #: storage of the tied embedding
+    embed_quant: str = knob("int8", choices=("int8", "int7", "int6", "fp16"))  #: the tied embedding's storage
+    embed_gptq: bool = knob(False)  #: GPTQ the tied embedding as the head, on the final hidden states' H
     compress_level: int = knob(11, 0, 11)  #: brotli quality of the artifact (11: the smallest, the slowest)
     byte_shuffle: bool = knob(True)  #: store multi-byte floats byte-plane by byte-plane (compresses better)
     size_limit: int = knob(16_000_000, 1, 10**12)  #: cap on code + model bytes
@@ -1415,7 +1416,7 @@ def unused_at_one_loop(model: CrawlerGPT, loops: int | None = 1) -> list[str]:
 # is checksummed and loads with torch.load(weights_only=True): loading never runs code.
 
 FLOAT_KINDS = {"fp16": torch.float16, "fp32": torch.float32}
-QUANT_KINDS = {"int6": 6, "int8": 8}
+QUANT_KINDS = {"int6": 6, "int7": 7, "int8": 8}
 ARTIFACT_MAGIC, ARTIFACT_VERSION, BROTLI_ID, DIGEST_BYTES = b"CGLF", 2, 2, 32
 # Gains that multiply the residual stream keep fp32; other vectors are stored as fp16.
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_", "loop_embed", "lane_")
@@ -1677,6 +1678,12 @@ def collect_hessians(model: CrawlerGPT, batches: list[Tensor], names: set[str], 
             dist.all_reduce(hessians[key])
     return hessians
 
+def gptq_targets(plan: StoragePlan, hp: Hyperparameters, quant: str) -> set[str]:
+    """What QUANT=gptq quantizes by GPTQ: the linear maps' weights, and with EMBED_GPTQ the tied embedding as
+    the head it also is (its input: the final hidden states), as the records since 2026-04-05 do."""
+    head = {HEAD} if hp.embed_gptq and plan.kinds.get(HEAD) in QUANT_KINDS else set()
+    return set(plan.linear) | head if quant == "gptq" else set()
+
 def loop_aware(hp: Hyperparameters) -> bool:
     return hp.gptq_loop_aware == "1" or (hp.gptq_loop_aware == "auto" and hp.num_crawler_layers > 0)
 
@@ -1693,7 +1700,7 @@ def quantize_model_(model: CrawlerGPT, hp: Hyperparameters, quant: str, batches:
     late = {n for n in quantized if n in plan.looped} if quant == "gptq" and loop_aware(hp) else set()
     entries, used = {}, {}
     for phase, names in enumerate((set(quantized) - late, late)):
-        need = {n for n in names if n in plan.linear} if quant == "gptq" else set()
+        need = names & gptq_targets(plan, hp, quant)
         hessians = ({n: float_hessians[n] for n in need} if phase == 0 and float_hessians is not None
                     else collect_hessians(model, batches, need, dinfo) if need else {})
         used.update(hessians)
@@ -1802,7 +1809,7 @@ def export_model(model: CrawlerGPT, hp: Hyperparameters, batches: list[Tensor], 
     the last few bytes only. Every rank quantizes identically (all-reduced Hessians); rank 0 packs."""
     budget, t0 = hp.size_limit - len(packed_code()), time.perf_counter()
     plan = storage_plan(model, hp)
-    need = (set(plan.linear) if hp.quant == "gptq" else set()) | \
+    need = gptq_targets(plan, hp, hp.quant) | \
         ({HEAD} if hp.quant_alloc == "hessian" and plan.kinds[HEAD] in QUANT_KINDS else set())
     float_hessians = collect_hessians(model, batches, need, dinfo) if need and batches else {}
     rel = relative_ks(model, hp, float_hessians)

@@ -151,3 +151,30 @@ def test_fit_search_lands_in_the_window(tmp_path):
     roomy = tg.export_model(model, tg.Hyperparameters(**{**fit_hp.__dict__, "size_limit": 16_000_000}), [], CPU,
                             tg.Logger(None), meta)
     assert roomy.quant_k == tg.K_MIN   # room to spare: the finest grid the search allows
+
+
+@pytest.mark.parametrize("bits_kind", ["int8", "int7"])
+def test_embed_gptq_quantizes_the_head_on_the_final_hidden_states(bits_kind):
+    """EMBED_GPTQ=1: the tied embedding is GPTQ'd as the head (its input: the final hidden states, whose Hessian
+    it gets), the rest exactly as before; its head-output error on the calibration states is below rounding's.
+    EMBED_QUANT=int7 stores it on a 7-bit grid (|q| <= 63), which packs and reloads."""
+    calib = batches()
+    plain, gptq = make_model(EMBED_QUANT=bits_kind), make_model(EMBED_QUANT=bits_kind, EMBED_GPTQ=1)
+    float_model = copy.deepcopy(plain)
+    e_plain, used_plain = tg.quantize_model_(plain, plain.hp, "gptq", calib, CPU)
+    e_gptq, used = tg.quantize_model_(gptq, gptq.hp, "gptq", calib, CPU)
+    assert tg.HEAD in used and tg.HEAD not in used_plain
+    looped = tg.storage_plan(plain, plain.hp).looped   # (the crawler's Hessians see the quantized embedding)
+    assert all(torch.equal(e_plain[n]["q"], e_gptq[n]["q"]) for n in e_plain
+               if n != tg.HEAD and n not in looped and "q" in e_plain[n])
+    assert e_gptq[tg.HEAD]["kind"] == bits_kind
+    assert e_gptq[tg.HEAD]["q"].abs().max() <= tg._qmax(tg.QUANT_KINDS[bits_kind])
+    with torch.no_grad():
+        h = torch.cat([float_model.hidden(x).reshape(-1, 48) for x in calib])
+        w = float_model.tok_emb.weight
+        err = {name: ((w - m.tok_emb.weight) @ h.T).square().sum().item()
+               for name, m in (("rtn", plain), ("gptq", gptq))}
+    assert err["gptq"] < err["rtn"]
+    blob = tg.pack_as(gptq.hp, e_gptq, tg.artifact_meta(gptq.hp))
+    entries, _ = tg.unpack_artifact(blob)
+    assert torch.equal(entries[tg.HEAD]["q"], e_gptq[tg.HEAD]["q"])
