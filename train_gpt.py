@@ -154,6 +154,8 @@ class Hyperparameters:
     embed_quant_k: float = knob(20.0, 0.5, 64)  #: SDClip k of tables (the fit scales it as QUANT_K)
     #: SDClip k: one for all, or per group (embedding, each block, the rest) from the Hessian traces
     quant_alloc: str = knob("uniform", choices=("uniform", "hessian"))
+    #: SDClip k per role, e.g. attn:13,mlp:11.5,embed:14 (the 04-27 record's); the fit scales them together
+    quant_roles: str = knob("")
     gptq_damp: float = knob(0.01, 0)  #: GPTQ damping, relative to the mean Hessian diagonal
     gptq_block_size: int = knob(128, 1, 65536)  #: GPTQ columns per lazy-update block
     gptq_act_order: bool = knob(True)  #: GPTQ column order: descending Hessian diagonal (else natural)
@@ -202,7 +204,7 @@ class Hyperparameters:
                               (self.parallel_lanes < 2 or self.parallel_start >= 0, "PARALLEL_LANES",
                                "needs PARALLEL_START >= 0")):
             require(ok, var, what)
-        self.loops_schedule(), self.ve_block_ids(), self.crawler_at   # raise on a malformed value
+        self.loops_schedule(), self.ve_block_ids(), self.crawler_at, self.role_ks   # raise if malformed
 
     def loops_schedule(self) -> list[tuple[float, int]]:
         """[(from fraction, loops)] in order; [(0, CRAWLER_LOOPS)] when no schedule is set."""
@@ -253,6 +255,16 @@ class Hyperparameters:
         at = n if pos == "end" else n // 2 if pos == "bottleneck" else int(pos) if pos.isdigit() else -1
         require(0 <= at <= n, "CRAWLER_POSITION", f"{pos!r}: expected end, bottleneck or 0..{n} flat blocks")
         return at
+
+    @property
+    def role_ks(self) -> dict[str, float]:
+        try:
+            ks = {r: float(k) for r, k in (item.split(":") for item in self.quant_roles.split(",") if item)}
+        except ValueError:
+            ks = {"?": 0.0}
+        require(set(ks) <= {"attn", "mlp", "embed"} and all(0.5 <= k <= 64 for k in ks.values()),
+                "QUANT_ROLES", f"{self.quant_roles!r}: expected role:k,... (attn, mlp, embed; k in 0.5..64)")
+        return ks
 
     @property
     def effective_depth(self) -> int:
@@ -1722,14 +1734,18 @@ def quantize_model_(model: CrawlerGPT, hp: Hyperparameters, quant: str, batches:
 
 def relative_ks(model: CrawlerGPT, hp: Hyperparameters, hessians: dict[str, Tensor]) -> dict[str, float]:
     """Each quantized tensor's k as a multiple of the searched matrix k. uniform: 1 for matrices,
-    EMBED_QUANT_K/QUANT_K for tables. hessian: per group, minimise the predicted loss increase at a
-    fixed byte count. Rounding noise of step 2c/(2^b-1), c = k*std_r, raises a matrix's output error by
-    tr(H) * sum_r step_r^2/12 = k^2 * C, and bytes fall by log2 k bits per weight; the Lagrangian
-    optimum is k_g^2 proportional to n_g / C_g. Groups are normalised to a weighted geometric mean of
-    1, so with equal C_g/n_g every group gets k = 1 (uniform). Tensors without a Hessian stay at 1."""
+    EMBED_QUANT_K/QUANT_K for tables, or QUANT_ROLES' k of its role / QUANT_K. hessian: per group,
+    minimise the predicted loss increase at a fixed byte count. Rounding noise of step 2c/(2^b-1),
+    c = k*std_r, raises a matrix's output error by tr(H) * sum_r step_r^2/12 = k^2 * C, and bytes fall by
+    log2 k bits per weight; the Lagrangian optimum is k_g^2 proportional to n_g / C_g. Groups are
+    normalised to a weighted geometric mean of 1, so with equal C_g/n_g every group gets k = 1 (uniform).
+    Tensors without a Hessian stay at their uniform value."""
     plan, params = storage_plan(model, hp), dict(model.named_parameters())
     quantized = [n for n, kind in plan.kinds.items() if kind in QUANT_KINDS]
-    base = {n: hp.embed_quant_k / hp.quant_k if n in plan.tables else 1.0 for n in quantized}
+    role = {id(p): r for r, kind in (("attn", Attention), ("mlp", MLP)) for m in model.modules()
+            if isinstance(m, kind) for p in m.parameters()} | {id(params[n]): "embed" for n in plan.tables}
+    ks = {"embed": hp.embed_quant_k, **hp.role_ks}
+    base = {n: ks.get(role.get(id(params[n])), hp.quant_k) / hp.quant_k for n in quantized}
     if hp.quant_alloc == "uniform":
         return base
     cost: dict[str, float] = {}

@@ -178,3 +178,21 @@ def test_embed_gptq_quantizes_the_head_on_the_final_hidden_states(bits_kind):
     blob = tg.pack_as(gptq.hp, e_gptq, tg.artifact_meta(gptq.hp))
     entries, _ = tg.unpack_artifact(blob)
     assert torch.equal(entries[tg.HEAD]["q"], e_gptq[tg.HEAD]["q"])
+
+
+def test_quant_roles_set_each_roles_k_and_the_fit_scales_them_together():
+    """QUANT_ROLES=attn:13,mlp:11.5,embed:14 (the 2026-04-27 record's clips): with SIZE_TARGET=none and QUANT_K
+    12.85 each tensor gets its role's k exactly; whatever the fit's multiplier, the ratios between roles hold.
+    Roles come from the owning module (attention, MLP, embedding tables), not from names."""
+    model = make_model(QUANT_ROLES="attn:13,mlp:11.5,embed:14", QUANT_K=12.85)
+    rel = tg.relative_ks(model, model.hp, {})
+    ks = tg.ks_at(rel, model.hp.quant_k)
+    assert ks["flat.0.attn.q.weight"] == pytest.approx(13) and ks["crawler.0.attn.proj.weight"] == pytest.approx(13)
+    assert ks["flat.1.mlp.down.weight"] == pytest.approx(11.5) and ks["tok_emb.weight"] == pytest.approx(14)
+    scaled = tg.ks_at(rel, 2 * model.hp.quant_k)
+    assert scaled["flat.0.attn.q.weight"] / scaled["flat.0.mlp.up.weight"] == pytest.approx(13 / 11.5)
+    plain = make_model()
+    assert tg.relative_ks(plain, plain.hp, {})["flat.0.attn.q.weight"] == 1.0
+    for bad in ("attn:13,head:2", "mlp:0.1", "attn=13", "mlp:x"):
+        with pytest.raises(tg.HyperparameterError, match="QUANT_ROLES"):
+            make_model(QUANT_ROLES=bad)
