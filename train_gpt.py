@@ -157,6 +157,8 @@ class Hyperparameters:
     #: SDClip k per role, e.g. attn:13,mlp:11.5,embed:14 (the 04-27 record's); the fit scales them together
     quant_roles: str = knob("")
     gptq_damp: float = knob(0.01, 0)  #: GPTQ damping, relative to the mean Hessian diagonal
+    #: GPTQ'd rows' clip * (1 + HESSIAN_CLIP (r - 1)), r: a row's Hessian-weighted |w|, mean 1 (04-06: 0.175)
+    hessian_clip: float = knob(0.0, 0, 1)
     gptq_block_size: int = knob(128, 1, 65536)  #: GPTQ columns per lazy-update block
     gptq_act_order: bool = knob(True)  #: GPTQ column order: descending Hessian diagonal (else natural)
     gptq_calib_batches: int = knob(16, 1, 4096)  #: training micro-batches (all ranks) for the GPTQ Hessians
@@ -1450,6 +1452,11 @@ def _as_2d_float(w: Tensor) -> Tensor:
 def _absmax(w: Tensor) -> Tensor:
     return w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
 
+def row_importance(w: Tensor, h: Tensor) -> Tensor:
+    """Each row's mean |w|, each column weighted by its input's Hessian diagonal over the mean; mean 1."""
+    r = (_as_2d_float(w).abs() * (h.diagonal() / h.diagonal().mean()).to(w.device)).mean(dim=1)
+    return r / r.mean()
+
 def row_clip(w: Tensor, k: float = 12.85) -> Tensor:
     """SDClip: k row stds, possibly beyond the absmax (a coarser grid: fewer bytes); constant rows: absmax."""
     clip = k * w.std(dim=1, correction=0)
@@ -1720,6 +1727,8 @@ def quantize_model_(model: CrawlerGPT, hp: Hyperparameters, quant: str, batches:
             p, bits = params[name], QUANT_KINDS[plan.kinds[name]]
             k = (ks or {}).get(name, hp.embed_quant_k if name in plan.tables else hp.quant_k)
             clip, h = row_clip(_as_2d_float(p), k), hessians.get(name)
+            if h is not None and hp.hessian_clip:
+                clip = clip * (1 + hp.hessian_clip * (row_importance(p, h) - 1))
             q, scale = (quantize_rows(p, bits, clip) if h is None else
                         gptq_quantize(p, h, bits, clip, hp.gptq_damp, hp.gptq_block_size, hp.gptq_act_order))
             entries[name] = {"kind": plan.kinds[name], "shape": list(p.shape), "q": q.cpu(),

@@ -196,3 +196,26 @@ def test_quant_roles_set_each_roles_k_and_the_fit_scales_them_together():
     for bad in ("attn:13,head:2", "mlp:0.1", "attn=13", "mlp:x"):
         with pytest.raises(tg.HyperparameterError, match="QUANT_ROLES"):
             make_model(QUANT_ROLES=bad)
+
+
+def test_hessian_clip_widens_the_clip_of_rows_the_hessian_weighs_more():
+    """HESSIAN_CLIP=lambda (the 2026-04-06 record's): a GPTQ'd row's clip is k std * (1 + lambda (r - 1)), r its
+    Hessian-weighted mean |w| over the matrix's mean; 0 leaves the export as it was."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 8, generator=gen)
+    w[0] *= 3.0                                          # a row with more weight on every column
+    h = torch.diag(torch.tensor([4.0, 1, 1, 1, 1, 1, 1, 1]))
+    r = tg.row_importance(w, h)
+    assert r.mean().item() == pytest.approx(1.0) and r.argmax().item() == 0
+    expected = ((w.abs() * torch.tensor([4.0, 1, 1, 1, 1, 1, 1, 1]) / 1.375).mean(1))
+    torch.testing.assert_close(r, expected / expected.mean())
+    calib = batches()
+    plain, off, on = make_model(), make_model(HESSIAN_CLIP=0), make_model(HESSIAN_CLIP=0.175)
+    e_plain, _ = tg.quantize_model_(plain, plain.hp, "gptq", calib, CPU)
+    e_off, _ = tg.quantize_model_(off, off.hp, "gptq", calib, CPU)
+    e_on, used = tg.quantize_model_(on, on.hp, "gptq", calib, CPU)
+    name = "flat.0.mlp.up.weight"
+    assert torch.equal(e_off[name]["scale"], e_plain[name]["scale"])
+    w0 = dict(make_model().named_parameters())[name].detach()
+    want = tg.row_clip(w0, on.hp.quant_k) * (1 + 0.175 * (tg.row_importance(w0, used[name]) - 1))
+    torch.testing.assert_close(e_on[name]["scale"].float(), (want / 31).half().float(), rtol=2e-3, atol=0)
