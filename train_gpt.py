@@ -159,6 +159,9 @@ class Hyperparameters:
     gptq_damp: float = knob(0.01, 0)  #: GPTQ damping, relative to the mean Hessian diagonal
     #: GPTQ'd rows' clip * (1 + HESSIAN_CLIP (r - 1)), r: a row's Hessian-weighted |w|, mean 1 (04-06: 0.175)
     hessian_clip: float = knob(0.0, 0, 1)
+    #: LQER: the LQER_TOP matrices of largest quantization error add its rank-r SVD, int4 factors (04-27: 4)
+    lqer_rank: int = knob(0, 0, 4096)
+    lqer_top: int = knob(3, 0, 4096)  #: how many matrices LQER_RANK corrects
     gptq_block_size: int = knob(128, 1, 65536)  #: GPTQ columns per lazy-update block
     gptq_act_order: bool = knob(True)  #: GPTQ column order: descending Hessian diagonal (else natural)
     gptq_calib_batches: int = knob(16, 1, 4096)  #: training micro-batches (all ranks) for the GPTQ Hessians
@@ -1430,7 +1433,8 @@ def unused_at_one_loop(model: CrawlerGPT, loops: int | None = 1) -> list[str]:
 # is checksummed and loads with torch.load(weights_only=True): loading never runs code.
 
 FLOAT_KINDS = {"fp16": torch.float16, "fp32": torch.float32}
-QUANT_KINDS = {"int6": 6, "int7": 7, "int8": 8}
+QUANT_KINDS = {"int4": 4, "int6": 6, "int7": 7, "int8": 8}
+LQER = (".lqer_a", ".lqer_b")   # an LQER'd matrix W is stored as q, scale and W - deq(q) ~ A @ B (int4 rows)
 ARTIFACT_MAGIC, ARTIFACT_VERSION, BROTLI_ID, DIGEST_BYTES = b"CGLF", 2, 2, 32
 # Gains that multiply the residual stream keep fp32; other vectors are stored as fp16.
 CONTROL_PATTERNS = ("q_gain", "attn_scale", "mlp_scale", "resid_mix", "skip_", "loop_embed", "lane_")
@@ -1718,6 +1722,7 @@ def quantize_model_(model: CrawlerGPT, hp: Hyperparameters, quant: str, batches:
     quantized = [n for n, kind in plan.kinds.items() if kind in QUANT_KINDS]
     late = {n for n in quantized if n in plan.looped} if quant == "gptq" and loop_aware(hp) else set()
     entries, used = {}, {}
+    floats = {n: params[n].detach().clone() for n in quantized if n in plan.linear} if hp.lqer_rank else {}
     for phase, names in enumerate((set(quantized) - late, late)):
         need = names & gptq_targets(plan, hp, quant)
         hessians = ({n: float_hessians[n] for n in need} if phase == 0 and float_hessians is not None
@@ -1734,6 +1739,15 @@ def quantize_model_(model: CrawlerGPT, hp: Hyperparameters, quant: str, batches:
             entries[name] = {"kind": plan.kinds[name], "shape": list(p.shape), "q": q.cpu(),
                              "scale": scale.cpu()}
             p.copy_(dequantize_rows(q, scale).to(p))
+    errors = {n: (w - params[n].detach()).float() for n, w in floats.items()}
+    for name in sorted(errors, key=lambda n: -errors[n].norm().item())[:hp.lqer_top]:   # LQER, the largest
+        u, sv, vh = torch.linalg.svd(errors[name], full_matrices=False)
+        r = min(hp.lqer_rank, sv.numel())
+        for suffix, f in zip(LQER, (u[:, :r] * sv[:r], vh[:r])):
+            q, scale = quantize_rows(f, 4)
+            entries[name + suffix] = {"kind": "int4", "shape": list(f.shape), "q": q.cpu(),
+                                      "scale": scale.cpu()}
+        params[name].add_(lqer_product(entries, name).to(params[name]))
     for name, p in params.items():
         if plan.kinds[name] in FLOAT_KINDS:
             stored = p.detach().to(FLOAT_KINDS[plan.kinds[name]])
@@ -1885,9 +1899,14 @@ def broadcast_int(value: int, dinfo: DistInfo) -> int:
     return box[0]
 
 def entries_state(entries: dict) -> dict[str, Tensor]:
-    """The float weights an artifact's entries stand for."""
+    """The float weights an artifact's entries stand for (an LQER'd matrix with its A @ B added)."""
     return {name: (dequantize_rows(e["q"], e["scale"]) if e["kind"] in QUANT_KINDS else e["data"].float())
-            .reshape(e["shape"]) for name, e in entries.items()}
+            .reshape(e["shape"]) + (lqer_product(entries, name) if name + LQER[0] in entries else 0)
+            for name, e in entries.items() if not name.endswith(LQER)}
+
+def lqer_product(entries: dict, name: str) -> Tensor:
+    a, b = (entries[name + suffix] for suffix in LQER)
+    return dequantize_rows(a["q"], a["scale"]) @ dequantize_rows(b["q"], b["scale"])
 
 def prune_to_fit(entries: dict, meta: dict, hp: Hyperparameters, budget: int, dinfo: DistInfo) -> tuple:
     """Last resort for the final bytes: zero the +-1 quantized values with the smallest scale^2 (the

@@ -219,3 +219,28 @@ def test_hessian_clip_widens_the_clip_of_rows_the_hessian_weighs_more():
     w0 = dict(make_model().named_parameters())[name].detach()
     want = tg.row_clip(w0, on.hp.quant_k) * (1 + 0.175 * (tg.row_importance(w0, used[name]) - 1))
     torch.testing.assert_close(e_on[name]["scale"].float(), (want / 31).half().float(), rtol=2e-3, atol=0)
+
+
+def test_lqer_corrects_the_matrices_of_largest_error_and_the_artifact_holds_it(tmp_path):
+    """LQER_RANK=r, LQER_TOP=n: the n quantized matrices with the largest ||W - deq(q)|| get int4 factors A, B of
+    the error's rank-r SVD; the model and the reloaded artifact hold deq(q) + A @ B, closer to W than deq(q)."""
+    calib = batches()
+    plain, lqer = make_model(), make_model(LQER_RANK=2, LQER_TOP=3)
+    float_w = dict(make_model().named_parameters())
+    e_plain, _ = tg.quantize_model_(plain, plain.hp, "gptq", calib, CPU)
+    e_lqer, _ = tg.quantize_model_(lqer, lqer.hp, "gptq", calib, CPU)
+    plan = tg.storage_plan(plain, plain.hp)
+    err = {n: (float_w[n] - p).norm().item() for n, p in plain.named_parameters() if n in plan.linear}
+    top = sorted(err, key=err.get, reverse=True)[:3]
+    assert sorted(n.removesuffix(".lqer_a") for n in e_lqer if n.endswith(".lqer_a")) == sorted(top)
+    for n in top:
+        a, b = e_lqer[n + ".lqer_a"], e_lqer[n + ".lqer_b"]
+        assert a["kind"] == b["kind"] == "int4" and a["shape"][1] == b["shape"][0] == 2 and a["q"].abs().max() <= 7
+        assert torch.equal(e_lqer[n]["q"], e_plain[n]["q"])          # the correction comes on top of the same q
+        assert (float_w[n] - dict(lqer.named_parameters())[n]).norm().item() < 0.95 * err[n]
+    path = tmp_path / "a.ptz"
+    path.write_bytes(tg.pack_as(lqer.hp, e_lqer, tg.artifact_meta(lqer.hp)))
+    reloaded, _ = tg.load_artifact(path)
+    for (name, p), q in zip(lqer.named_parameters(), reloaded.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+    assert len(path.read_bytes()) > len(tg.pack_as(plain.hp, e_plain, tg.artifact_meta(plain.hp)))  # counted
