@@ -1543,8 +1543,9 @@ def decompress_bytes(data: bytes) -> bytes:
     return brotli.decompress(data)
 
 def _shuffled(t: Tensor, shuffle: bool) -> Tensor:
-    """A tensor's bytes as uint8, byte-plane by byte-plane: exponent/high bytes cluster together."""
-    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    """A tensor's bytes as uint8, byte-plane by byte-plane: exponent/high bytes cluster together. (A clone:
+    .contiguous() keeps the stride of a one-element slice of a strided tensor, which cannot be viewed.)"""
+    raw = t.detach().cpu().reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
     es = t.element_size()
     return raw.reshape(-1, es).T.reshape(-1) if shuffle and es > 1 and raw.numel() else raw
 

@@ -330,3 +330,11 @@ def test_prune_noop_and_impossible():
     floor = len(pack_artifact(zero_all_pm1(entries), META, 9))
     with pytest.raises(ArtifactTooLarge, match="SIZE_LIMIT"):
         prune_to_fit(entries, META, PRUNE_HP, floor - 100, DistInfo())
+
+
+def test_a_one_row_slice_of_a_strided_tensor_packs():
+    """The byte-model sample takes every n-th row; a 4-row LQER factor then becomes one row with stride n."""
+    entries = {"b": {"kind": "int4", "shape": [1, 8], "q": torch.ones(34, 8, dtype=torch.int8)[::34],
+                     "scale": torch.ones(34, dtype=torch.float16)[::34]}}
+    out, _ = unpack_artifact(pack_artifact(entries, META, 1))
+    assert out["b"]["q"].tolist() == [[1] * 8] and out["b"]["scale"].tolist() == [1.0]
