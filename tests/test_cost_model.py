@@ -58,3 +58,20 @@ def test_compute_budget_charges_a_cadence_or_loop_schedule_its_cheaper_steps():
     half = int(6.1e12 / ((one + two) / 2 * 8192))
     for arm in ({"CRAWLER_CADENCE": "2"}, {"CRAWLER_LOOPS_SCHEDULE": "0:1,0.5:2"}):
         assert cm.budget_steps(tg.Hyperparameters.from_env({**env, **arm}), 6.1) == half > cm.budget_steps(hp, 6.1), arm
+
+
+@pytest.mark.parametrize("profile, extra, measured, tolerance", [
+    # 2026-04-05: k 12.85 for matrices, 20 for its int8 GPTQ'd embedding; model bytes, mean of its 5 logs
+    ("record_0405", {"EMBED_GPTQ": "1"}, 15_970_162, 0.01),
+    # 2026-04-27 (out of sample): per-role clips, int7 GPTQ'd embedding, LQER rank 4 on 3 matrices; mean of 3 logs
+    ("record_0427", {"EMBED_GPTQ": "1", "QUANT_ROLES": "attn:13,mlp:11.5,embed:14", "EMBED_QUANT": "int7",
+                     "LQER_RANK": "4", "LQER_TOP": "3"}, 15_869_920, 0.03)])
+def test_dry_run_predicts_the_records_real_artifact_bytes(profile, extra, measured, tolerance):
+    """DRY_RUN at a record's own fixed clips (SIZE_TARGET=none) predicts the model bytes its pod runs packed: the
+    Gaussian-row byte model scaled by TRAINED_OVER_GAUSSIAN, which 2026-04-05's artifact set (so 1% there);
+    2026-04-27, whose compressor is its own, lands within 3%."""
+    from test_loop_records import profile_env
+    env = {**profile_env(profile), "VOCAB_SIZE": "8192", "SIZE_TARGET": "none", "QUANT_K": "12.85",
+           "EMBED_QUANT_K": "20", **extra}
+    out = cm.dry_run(tg.Hyperparameters.from_env(env), log=lambda *a: None)
+    assert out["bytes_model_estimate"] == pytest.approx(measured, rel=tolerance)
