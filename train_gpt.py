@@ -1934,7 +1934,7 @@ def prune_to_fit(entries: dict, meta: dict, hp: Hyperparameters, budget: int, di
         n = min(len(owner), 2 * n if n else len(owner), n + more)
         out = {name: dict(e) for name, e in entries.items()}
         for name in set(owner[:n]):
-            out[name]["q"] = out[name]["q"].clone()
+            out[name]["q"] = out[name]["q"].clone(memory_format=torch.contiguous_format)   # any q's layout
         for name, p in zip(owner[:n], pos[:n].tolist()):
             out[name]["q"].view(-1)[p] = 0
         blob = pack_as(hp, out, meta, dinfo)

@@ -305,6 +305,23 @@ def test_compare_exports_scores_every_variant_from_one_training(local_corpus, tm
     assert json.loads((tmp_path / "logs" / "cmp.compare.json").read_text())["rtn_val_bpb"] == out["rtn_val_bpb"]
 
 
+def test_compare_exports_fits_each_export_arm_to_the_cap(local_corpus, tmp_path):
+    """COMPARE_ARMS: export-only arms from the same trained weights, each fitted to a binding cap on its own;
+    `control` is the run's own export and score exactly. A model knob in an arm is refused before training."""
+    env = tiny_env(local_corpus, tmp_path, ITERATIONS=12, VAL_LOSS_EVERY=0, RUN_ID="arms", EVAL_STRIDE=128,
+                   SIZE_LIMIT=400_000, SIZE_MARGIN=10_000, COMPARE_ARMS="emb:EMBED_GPTQ=1|lqer:LQER_RANK=2 LQER_TOP=2")
+    out = compare_exports.main(env)
+    assert out["control_val_bpb"] == pytest.approx(out["val_bpb"], abs=1e-9)
+    assert out["control_bytes_total"] == out["bytes_total"]
+    for arm in ("control", "emb", "lqer"):
+        assert 390_000 <= out[f"{arm}_bytes_total"] <= 400_000, (arm, out[f"{arm}_bytes_total"])
+    assert len({out["control_val_bpb"], out["emb_val_bpb"], out["lqer_val_bpb"]}) == 3
+    with pytest.raises(SystemExit, match="MODEL_DIM"):
+        compare_exports.main({**env, "COMPARE_ARMS": "wide:MODEL_DIM=128"})
+    with pytest.raises(SystemExit, match="COMPARE_ARMS"):
+        compare_exports.main({**env, "COMPARE_ARMS": "bad:EMBED_GPTQ"})
+
+
 def test_progressive_recurrence_schedule(local_corpus, tmp_path):
     hp = tg.Hyperparameters.from_env({"CRAWLER_LOOPS": "3", "CRAWLER_LOOPS_SCHEDULE": "0:1,0.5:2,0.8:3"})
     assert hp.loops_schedule() == [(0.0, 1), (0.5, 2), (0.8, 3)]
