@@ -17,8 +17,8 @@ DRY_RUN, the records writer, the ablation runner) live in experiments/ and impor
 """
 from __future__ import annotations
 
-import ast, base64, contextlib, copy, dataclasses, difflib, errno, functools, glob, hashlib, io  # noqa: E401
-import json, math, os, platform, re, shutil, subprocess, sys, tempfile, time, uuid  # noqa: E401
+import ast, base64, contextlib, copy, dataclasses, difflib, errno, functools, glob, hashlib  # noqa: E401
+import io, itertools, json, math, os, platform, re, shutil, subprocess, sys, tempfile, time, uuid  # noqa
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
@@ -149,6 +149,14 @@ class Hyperparameters:
     eval_seq_len: int = knob(2048, 2, 2**20)  #: evaluation window length
     eval_stride: int = knob(64, 1, 2**20)  #: sliding-window stride of the final evaluation
     eval_only: str = knob("")  #: artifact to score without training (eval settings from the artifact)
+    #: score-first test-time training of the sliding score: sgd = each chunk of the val stream is scored, then
+    #: trained on (TTT_EPOCHS of SGD with momentum over all weights, cosine LR over the chunks), then the next
+    ttt: str = knob("off", choices=("off", "sgd"))
+    ttt_lr: float = knob(0.005, 0)  #: TTT's SGD learning rate (the records')
+    ttt_epochs: int = knob(3, 0, 1000)  #: passes over each scored chunk
+    ttt_momentum: float = knob(0.9, 0, 1)  #: TTT's SGD momentum
+    ttt_chunk_tokens: int = knob(32768, 1, BIG)  #: tokens scored before each round of training
+    ttt_batch_seqs: int = knob(32, 1, 65536)  #: sequences (EVAL_SEQ_LEN) a TTT step, all ranks together
     quant: str = knob("gptq", choices=("rtn", "gptq"))  #: quantizer of the block matrices
     quant_k: float = knob(12.85, 0.5, 64)  #: SDClip: matrix clip in row stds (SIZE_TARGET=fit starts here)
     embed_quant_k: float = knob(20.0, 0.5, 64)  #: SDClip k of tables (the fit scales it as QUANT_K)
@@ -1989,16 +1997,30 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else \
         torch.autocast("cpu", enabled=False)
 
-@torch.no_grad()
 def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len: int, stride: int,
-             batch_tokens: int, dinfo: DistInfo, device: torch.device, log: Logger | None = None) -> tuple:
-    """(val_loss in nats/token, val_bpb) over `tokens`, windows split across ranks. Every batch has the same
-    shape (the last is padded with windows that score nothing): one compiled graph. With a log: progress.
-    luts: the tokenizer's byte LUTs, or a byte sidecar: each token's bytes of the original text."""
+             batch_tokens: int, dinfo: DistInfo, device: torch.device, log: Logger | None = None,
+             ttt: Hyperparameters | None = None) -> tuple:
+    """(val_loss in nats/token, val_bpb) over `tokens`, windows split across ranks; with `ttt` (its TTT
+    knobs), score-first test-time training. luts: the tokenizer's byte LUTs, or a byte sidecar: each
+    token's bytes of the original text."""
     seq_len = min(seq_len, tokens.numel() - 1)
     windows = sliding_windows(tokens.numel(), seq_len, stride)
-    mine = windows[dinfo.rank::dinfo.world_size]
     batch = max(1, min(batch_tokens // (seq_len * dinfo.world_size), len(windows)))
+    if ttt is not None and ttt.ttt != "off":
+        sums = score_first_ttt(model, tokens, luts, seq_len, windows, batch, ttt, dinfo, device, log)
+    else:
+        sums = score_windows(model, tokens, luts, seq_len, windows[dinfo.rank::dinfo.world_size], batch,
+                             device, log)
+    if dinfo.distributed:
+        dist.all_reduce(sums)
+    return (sums[0] / sums[2]).item(), bits_per_byte(sums[0].item(), sums[1].item())
+
+@torch.no_grad()
+def score_windows(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len: int,
+                  mine: list[tuple[int, int]], batch: int, device: torch.device, log: Logger | None = None
+                  ) -> Tensor:
+    """(summed nll, bytes, tokens) of this rank's windows. Every batch has the same shape (the last is padded
+    with windows that score nothing): one compiled graph. With a log: progress."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, bytes, tokens
     was_training, t0, starts = model.training, time.perf_counter(), range(0, max(len(mine), 1), batch)
     model.eval()
@@ -2006,7 +2028,7 @@ def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len:
     for n, i in enumerate(starts, 1):
         chunk = mine[i:i + batch]
         firsts = [first for _, first in chunk] + [seq_len] * (batch - len(chunk))   # padding scores nothing
-        chunk = chunk + [windows[0]] * (batch - len(chunk))
+        chunk = chunk + [(0, seq_len)] * (batch - len(chunk))
         idx = torch.stack([tokens[s:s + seq_len + 1] for s, _ in chunk]).to(device=device, dtype=torch.int64)
         x, y = idx[:, :-1], idx[:, 1:]
         with autocast(device):
@@ -2018,12 +2040,56 @@ def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len:
         sums[2] += keep.sum()
         if log and n % max(1, len(starts) // 10) == 0 and n < len(starts):
             spent = time.perf_counter() - t0
-            log.kv(eval_windows=f"{n * batch}/{len(mine)}", tok_s=f"{n * batch * stride / spent:.0f}",
+            log.kv(eval_windows=f"{n * batch}/{len(mine)}", tok_s=f"{sums[2].item() / spent:.0f}",
                    eta=f"{spent * (len(starts) - n) / n:.0f}s")
-    if dinfo.distributed:
-        dist.all_reduce(sums)
     model.train(was_training)
-    return (sums[0] / sums[2]).item(), bits_per_byte(sums[0].item(), sums[1].item())
+    return sums
+
+def ttt_sequences(first: int, end: int, seq_len: int) -> list[int]:
+    """Starts of the training sequences whose targets all lie in [first, end): target j is token j + 1."""
+    return list(range(first, end - seq_len + 1, seq_len))
+
+def score_first_ttt(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len: int,
+                    windows: list[tuple[int, int]], batch: int, hp: Hyperparameters, dinfo: DistInfo,
+                    device: torch.device, log: Logger | None = None) -> Tensor:
+    """TTT=sgd, legal by construction: the targets come in chunks of TTT_CHUNK_TOKENS; a window belongs to the
+    chunk of its first scored target, so every target is scored by then; chunk c's windows are scored (no
+    gradient), and only then does the model train on sequences whose targets all lie in chunks <= c. A step
+    averages the gradient over TTT_BATCH_SEQS sequences of all ranks: any number of ranks, the same maths."""
+    chunk, n_targets = hp.ttt_chunk_tokens, tokens.numel() - 1
+    n_chunks = -(-n_targets // chunk)
+    groups: list[list] = [[] for _ in range(n_chunks)]
+    for s, first in windows:
+        groups[min((s + first) // chunk, n_chunks - 1)].append((s, first))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+    sums, t0 = torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
+    for c, group in enumerate(groups):
+        sums += score_windows(model, tokens, luts, seq_len, group[dinfo.rank::dinfo.world_size], batch,
+                              device)
+        last = c == n_chunks - 1
+        starts = [] if last else ttt_sequences(c * chunk, min((c + 1) * chunk, n_targets), seq_len)
+        for g in opt.param_groups:
+            g["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        for _, b in itertools.product(range(hp.ttt_epochs), range(0, len(starts), hp.ttt_batch_seqs)):
+            step = starts[b:b + hp.ttt_batch_seqs]
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            for a in step[dinfo.rank::dinfo.world_size]:
+                idx = tokens[a:a + seq_len + 1].to(device=device, dtype=torch.int64)[None]
+                with autocast(device):
+                    (model(idx[:, :-1], idx[:, 1:], per_token=True).sum() / (len(step) * seq_len)).backward()
+            if dinfo.distributed:
+                for p in params:
+                    dist.all_reduce(p.grad)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        if log and (c + 1) % max(1, n_chunks // 10) == 0:
+            spent = time.perf_counter() - t0
+            log.kv(ttt_chunk=f"{c + 1}/{n_chunks}", scored_tok_s=f"{sums[2].item() / spent:.0f}",
+                   eta=f"{spent * (n_chunks - c - 1) / (c + 1):.0f}s")
+    model.eval()
+    return sums
 
 def eval_settings(hp: Hyperparameters, meta: dict) -> dict:
     """The artifact's EVAL_SEQ_LEN/EVAL_STRIDE, unless the environment set them."""
@@ -2032,7 +2098,8 @@ def eval_settings(hp: Hyperparameters, meta: dict) -> dict:
 
 def score_artifact(path: Path, hp: Hyperparameters, data: RunData, dinfo: DistInfo, device: torch.device,
                    log: Logger) -> dict:
-    """Reload the artifact from disk and score it: plain windows, then the sliding window (the score)."""
+    """Reload the artifact from disk and score it: plain windows, then the sliding window (the score), then,
+    with TTT, the sliding window with score-first test-time training (the score; it changes the model)."""
     model, meta = load_artifact(path)
     require(meta.get("tokenizer_sha256") in ("", data.tokenizer_sha256), "TOKENIZER_PATH",
             f"{hp.tokenizer_path} is not the tokenizer {path} was trained with — scores would not compare",
@@ -2043,16 +2110,18 @@ def score_artifact(path: Path, hp: Hyperparameters, data: RunData, dinfo: DistIn
     model.to(device).set_backends(data.backend)
     model = compile_model(model, hp, device)
     seq, out = settings["eval_seq_len"], {}
-    for label, stride in (("post_quant", seq), ("sliding", settings["eval_stride"])):
-        if label == "sliding" and stride >= seq:
-            break
+    stride = min(settings["eval_stride"], seq)
+    for label, stride in (("post_quant", seq), ("sliding", stride), ("ttt", stride)):
+        if label == "sliding" and stride == seq or label == "ttt" and hp.ttt == "off":
+            continue
         t0 = time.perf_counter()
         loss, bpb = evaluate(model, data.val_tokens, data.luts, seq, stride, hp.val_batch_size, dinfo, device,
-                             log)
+                             log, hp if label == "ttt" else None)
         out.update({f"{label}_val_loss": loss, f"{label}_val_bpb": bpb})
-        log.kv(**{f"{label}_val_loss": loss, f"{label}_val_bpb": f"{bpb:.6f}",
-                  f"{label}_eval_seconds": f"{time.perf_counter() - t0:.1f}"})
-    last = "sliding" if "sliding_val_bpb" in out else "post_quant"
+        spent = time.perf_counter() - t0
+        log.kv(**{f"{label}_val_loss": loss, f"{label}_val_bpb": f"{bpb:.6f}", f"{label}_eval_seconds":
+                  f"{spent:.1f}", f"{label}_s_per_mtok": f"{spent * 1e6 / data.val_tokens.numel():.1f}"})
+    last = next(k for k in ("ttt", "sliding", "post_quant") if f"{k}_val_bpb" in out)
     return {"post_quant_val_bpb": out["post_quant_val_bpb"], "val_bpb": out[f"{last}_val_bpb"],
             "val_loss": out[f"{last}_val_loss"]}
 

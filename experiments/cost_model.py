@@ -4,9 +4,10 @@ train_gpt.py may be set alongside it: `DRY_RUN=1 MODEL_DIM=512 bash run.sh`).
     python experiments/cost_model.py [--gpus 8]
 
 It prints unique parameters, effective depth, the SDClip k the cap implies and the artifact bytes it predicts
-(SDClip's fit on Gaussian rows, scaled to trained rows by one real artifact, the packed script counted), the relative quantization MSE, training FLOPs per
-token (torch's flop counter on the meta device, causal attention added by hand), projected ms/step and steps
-in the budget on N H100s, activation memory per GPU, and the sliding-eval and export seconds.
+(SDClip's fit on Gaussian rows, scaled to trained rows by one real artifact, the packed script counted), the
+relative quantization MSE, training FLOPs per token (torch's flop counter on the meta device, causal attention
+added by hand), projected ms/step and steps in the budget on N H100s, activation memory per GPU, the
+sliding-eval, TTT and export seconds (a warning when the evaluation would exceed its 600 s).
 
 A step costs FLOPs / (GPUs * peak * POD_MFU) + POD_STEP_OVERHEAD_S (optimizer, collectives, launches): the two
 constants are the exact fit to two measured 8xH100 anchors (tests/test_cost_model.py checks both): the seeds'
@@ -31,7 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
 H100_BF16_FLOPS, POD_MFU, POD_STEP_OVERHEAD_S = 989e12, 0.536, 0.02678
-FINEWEB_VAL_TOKENS = 62_000_000   # the first 50,000 validation documents
+FINEWEB_VAL_TOKENS = 62_000_000   # the first 50,000 validation documents at sp1024 (40,540,160 at sp8192)
+VAL_TOKENS = {1024: FINEWEB_VAL_TOKENS, 8192: 40_540_160}   # the records' logs; others: sp1024's (more)
+# The evaluation runs far below training's MFU. Sliding windows (stride 64): the 2026-04-06 and -09 records'
+# logs measured 83.6 and 121.2 s where their FLOPs at 100% take 20.7 and 23.3 s (0.248, 0.192): 0.22. Their
+# score-first TTT (3 epochs, chunks of 32,768 tokens, 3,714 steps of 16 sequences) trained for 209.8 and 246.9 s
+# beyond the scoring, where the FLOPs take 6.07 and 6.83 s: 0.0289 and 0.0277 of peak, 0.0283 (small steps,
+# an all-reduce of every weight each). tests/test_cost_model.py checks both records within 10%.
+EVAL_MFU, TTT_MFU = 0.22, 0.0283
 # Trained rows compress better than Gaussian ones at the same SDClip k (heavier tails: more values near 0). One
 # real artifact sets the ratio: the 2026-04-05 record (k 12.85 matrices, 20 for its int8 GPTQ'd embedding, sp8192)
 # packed 15,970,162 model bytes (mean of its 5 logs); at its knobs (tests/test_cost_model.py) the Gaussian rows
@@ -99,16 +107,23 @@ def activation_bytes_per_token(hp: tg.Hyperparameters) -> float:
     return saved[0] / hp.train_seq_len
 
 
+EVAL_BUDGET_S = 600.0
+
+
 def pod_cost(hp: tg.Hyperparameters, gpus: int = 8) -> dict:
-    """ms/step, steps in the budget, activation memory per GPU, sliding-eval seconds."""
+    """ms/step, steps in the budget, activation memory per GPU, eval seconds: the plain and sliding passes,
+    and with TTT its scoring pass plus TTT_EPOCHS of training over the val tokens (at training FLOPs/token)."""
     train_flops = flops_per_token(hp, hp.train_seq_len)
     step_s = train_flops * hp.train_batch_tokens / (gpus * H100_BF16_FLOPS * POD_MFU) + POD_STEP_OVERHEAD_S
-    windows = FINEWEB_VAL_TOKENS / hp.eval_stride
+    val_tokens = VAL_TOKENS.get(hp.vocab_size, FINEWEB_VAL_TOKENS)
+    windows = val_tokens / hp.eval_stride
     eval_flops = flops_per_token(hp, hp.eval_seq_len, train=False) * hp.eval_seq_len * windows
     return {"flops_per_token": train_flops, "pod_ms_per_step": 1000 * step_s,
             "pod_steps": int(hp.train_time_cap / step_s) if hp.train_time_cap else hp.iterations,
             "activation_gib_per_gpu": activation_bytes_per_token(hp) / 2 * hp.train_batch_tokens
-            / hp.accum_splits / 2**30, "pod_eval_seconds": eval_flops / (gpus * H100_BF16_FLOPS * POD_MFU)}
+            / hp.accum_splits / 2**30, "pod_eval_seconds": eval_flops / (gpus * H100_BF16_FLOPS * EVAL_MFU),
+            "pod_ttt_seconds": 0.0 if hp.ttt == "off" else eval_flops / (gpus * H100_BF16_FLOPS * EVAL_MFU)
+            + hp.ttt_epochs * val_tokens * flops_per_token(hp, hp.eval_seq_len) / (gpus * H100_BF16_FLOPS * TTT_MFU)}
 
 
 def raw_model_bytes(model: tg.CrawlerGPT, hp: tg.Hyperparameters) -> int:
@@ -155,6 +170,11 @@ def dry_run(hp: tg.Hyperparameters, gpus: int = 8, log=print) -> dict:
            "bytes_code_source": len(tg.source_bytes()), "bytes_total_estimate": model_bytes + code,
            **pod_cost(hp, gpus), "export_seconds_estimate": curve_s + 2 * pack_s}
     out["fits"] = out["bytes_total_estimate"] <= hp.size_limit
+    plain = hp.eval_stride / hp.eval_seq_len if hp.eval_stride < hp.eval_seq_len else 0.0   # its share of windows
+    eval_s = out["pod_eval_seconds"] * (1 + plain) + out["pod_ttt_seconds"]
+    if eval_s > EVAL_BUDGET_S:
+        log(f"warning: the evaluation is projected at {eval_s:.0f} s, over the {EVAL_BUDGET_S:.0f} s budget "
+            "(plain + sliding + TTT) — fewer TTT_EPOCHS, a larger EVAL_STRIDE or a smaller model")
     log(" ".join(f"{k}:{v:.4g}" if isinstance(v, float) else f"{k}:{v}" for k, v in {
         "dry_run": 1, **out, "cap": hp.size_limit, "headroom": hp.size_limit - out["bytes_total_estimate"],
         "estimate": f"gaussian_rows_x{TRAINED_OVER_GAUSSIAN:.4f}_trained", "pod": f"{gpus}xH100_mfu{POD_MFU}_overhead"

@@ -75,3 +75,25 @@ def test_dry_run_predicts_the_records_real_artifact_bytes(profile, extra, measur
            "EMBED_QUANT_K": "20", **extra}
     out = cm.dry_run(tg.Hyperparameters.from_env(env), log=lambda *a: None)
     assert out["bytes_model_estimate"] == pytest.approx(measured, rel=tolerance)
+
+
+@pytest.mark.parametrize("extra, sliding_s, ttt_s", [
+    ({}, 83.6, 293.4),                                  # 2026-04-06 (QK5, legal TTT): blocks 4-5 looped
+    ({"NUM_FLAT_LAYERS": "8", "NUM_CRAWLER_LAYERS": "3", "CRAWLER_POSITION": "3", "PARALLEL_START": "7"},
+     121.2, 368.1)])                                    # 2026-04-09: blocks 3-5 looped, parallel from 7
+def test_eval_and_ttt_seconds_match_the_records_logs(extra, sliding_s, ttt_s):
+    """pod_eval_seconds (the sliding pass) and pod_ttt_seconds (its scoring pass plus 3 epochs of chunked SGD) of
+    the records' own configs at sp8192, against the eval_time their logs print."""
+    from test_loop_records import profile_env
+    hp = tg.Hyperparameters.from_env({**profile_env("record_0405"), "VOCAB_SIZE": "8192", "TTT": "sgd", **extra})
+    cost = cm.pod_cost(hp)
+    assert cost["pod_eval_seconds"] == pytest.approx(sliding_s, rel=0.15)
+    assert cost["pod_ttt_seconds"] == pytest.approx(ttt_s, rel=0.10)
+
+
+def test_dry_run_warns_when_the_evaluation_exceeds_its_budget():
+    assert cm.pod_cost(tg.Hyperparameters.from_env({}))["pod_ttt_seconds"] == 0      # TTT off
+    printed = []
+    cm.dry_run(tg.Hyperparameters.from_env({"TTT": "sgd", "TTT_EPOCHS": "10", "SIZE_TARGET": "none"}),
+               log=printed.append)
+    assert any(line.startswith("warning: the evaluation is projected") for line in printed)

@@ -308,6 +308,10 @@ VARIANTS: dict[str, Script] = {
     # SEED; here from (rank, SEED), so that its seeds vary the data as ours do.
     "r0405_dataseed": dataclasses.replace(SCRIPTS["r0405"], patches=(
         ("np.random.PCG64(h.rank)", "np.random.PCG64((h.rank, h.seed))"),)),
+    # 2026-04-27 without its two gates (the scalar SmearGate, the sparse attention gate), and without its lanes
+    "r0427_nogates": dataclasses.replace(SCRIPTS["r0427"], env={
+        **SCRIPTS["r0427"].env, "SMEAR_GATE_ENABLED": "0", "SPARSE_ATTN_GATE_ENABLED": "0"}),
+    "r0427_nolanes": dataclasses.replace(SCRIPTS["r0427"], env={**SCRIPTS["r0427"].env, "PARALLEL_START_LAYER": "-1"}),
 }
 STANDINS = (*OURS, *VARIANTS)
 
