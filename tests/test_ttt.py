@@ -123,7 +123,7 @@ def test_ttt_across_two_gloo_processes_scores_as_one(local_corpus, tmp_path):
     split across them, gradients all-reduced) gives one process's score."""
     dataset, tokenizer = local_corpus
     env = {"DATA_PATH": str(dataset), "TOKENIZER_PATH": str(tokenizer), "MODEL_DIM": "64", "NUM_HEADS": "4",
-           "NUM_KV_HEADS": "2", "ROPE_DIMS": "8", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "64",
+           "NUM_KV_HEADS": "2", "ROPE_DIMS": "8", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "128",
            "TRAIN_BATCH_TOKENS": "2048", "ACCUM_SPLITS": "2", "ITERATIONS": "4", "MAX_WALLCLOCK_SECONDS": "0",
            "VAL_LOSS_EVERY": "0", "QUANT": "rtn", "COMPRESS_LEVEL": "5", "LOG_DIR": str(tmp_path / "logs"),
            "ARTIFACT_DIR": str(tmp_path / "art"), "RECORDS_DIR": str(tmp_path / "rec"), "RUN_ID": "base"}
