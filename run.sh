@@ -26,10 +26,16 @@ unset DRY_RUN REHEARSAL   # run.sh's switches, not train_gpt.py's knobs
 # The run's id names its log, artifact and records folder; chosen here so the records step can find them.
 export RUN_ID="${RUN_ID:-$(date +%Y%m%d_%H%M%S)_$$}"
 gpus=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+# VARIANT (a record profile sets it): the tokenizer and its data, sp1024 (default), sp4096, sp8192 or caseops
+variant="${VARIANT:-sp1024}"
+unset VARIANT
 if [ "$gpus" -gt 0 ]; then
-  echo "run.sh: $gpus CUDA device(s): production config under torchrun on FineWeb sp1024"
-  if ! ls data/datasets/fineweb10B_sp1024/fineweb_val_*.bin >/dev/null 2>&1; then
-    bash setup_pod.sh
+  paths=$("$PY" -c "from data.cached_challenge_fineweb import VARIANTS as V; print(*V['$variant'][1:])")
+  read -r folder tokenizer <<< "$paths"
+  export DATA_PATH="${DATA_PATH:-data/datasets/$folder}" TOKENIZER_PATH="${TOKENIZER_PATH:-data/tokenizers/$tokenizer.model}"
+  echo "run.sh: $gpus CUDA device(s): the config under torchrun on FineWeb $variant ($DATA_PATH)"
+  if ! ls "$DATA_PATH"/fineweb_val_[0-9]*.bin >/dev/null 2>&1; then
+    VARIANT="$variant" bash setup_pod.sh
   fi
   torchrun --standalone --nproc_per_node="$gpus" train_gpt.py
 elif [ "$rehearsal" = 1 ]; then
@@ -41,9 +47,11 @@ elif [ "$rehearsal" = 1 ]; then
   PROFILE=rehearsal
   . experiments/profile.sh
   exec "$PY" experiments/rehearsal.py
-elif [[ "${PROFILE:-}" == record_* ]]; then
-  "$PY" data/prepare_local.py >/dev/null
-  export DATA_PATH=${DATA_PATH:-data/datasets/local_sp1024} TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/local_1024_bpe.model}
+elif [[ "${PROFILE:-}" == record_* ]]; then   # the demo corpus at the record's tokenizer (CaseOps too)
+  vocab="${VOCAB_SIZE:-1024}" name=local caseops=""
+  [ "$variant" = caseops ] && name=local_caseops caseops=--caseops
+  "$PY" data/prepare_local.py --vocab-size "$vocab" $caseops >/dev/null
+  export DATA_PATH=${DATA_PATH:-data/datasets/${name}_sp$vocab} TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/${name}_${vocab}_bpe.model}
   echo "run.sh: no CUDA device: PROFILE=$PROFILE at MODEL_DIM=$MODEL_DIM on $DATA_PATH (set the size knobs to scale it)"
   "$PY" train_gpt.py
 else

@@ -91,9 +91,10 @@ case "$PROFILE" in
     fi
     ;;
   record_0405|record_0427)
-    # A published record through our knobs, at pod sizes (set the size knobs yourself to run it smaller). Still
-    # ours in both: sp1024 (issue 23), the embedding's rounding and the clip fit (issue 23), no test-time training
-    # (issue 24).
+    # A published record through our knobs, at pod sizes (set the size knobs yourself to run it smaller), on its
+    # tokenizer (VARIANT: run.sh fetches FineWeb so on a pod, builds the local corpus so without CUDA) and with its
+    # quantizer, inside our fit to the cap. Still ours in both: the fit (not fixed clips), no test-time training
+    # of theirs yet (issue 24).
     if [ "$PROFILE" = record_0405 ]; then
       # The 2026-04-05 record (1.0856 on 8xH100; records/track_10min_16mb/2026-04-05_SP8192_GPTQ-Embeddings_SDClip_
       # Loop45x2, its train_seed1337.log): blocks 4-5 run 3 times once half the training time has passed.
@@ -101,12 +102,12 @@ case "$PROFILE" in
       export CRAWLER_POSITION="${CRAWLER_POSITION:-4}" CRAWLER_LOOPS_SCHEDULE="${CRAWLER_LOOPS_SCHEDULE-0:1,0.5:3}"
       export QK_GAIN_INIT="${QK_GAIN_INIT:-4}" MATRIX_LR="${MATRIX_LR:-0.02}" MUON_WD="${MUON_WD:-0.085}"
       export WARMDOWN_FRAC="${WARMDOWN_FRAC:-0.667}" GPTQ_RESERVE_SECONDS="${GPTQ_RESERVE_SECONDS:-12}"
-      export EMA_DECAY="${EMA_DECAY:-0.997}"
+      export EMA_DECAY="${EMA_DECAY:-0.997}" VARIANT="${VARIANT:-sp8192}"
     else
       # The 2026-04-27 record (1.0611 on 8xH100; records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_
       # BOSSmearFix_9HpStack_1.0611, its train_seed42.log): blocks 3-5 run 3 times from 35% of the training time,
       # two parallel lanes from block 8, the sparse attention gate and the scalar SmearGate (window 12), Polar
-      # Express Newton-Schulz. Also not yet ours: CaseOps, per-role clips, int7 GPTQ'd embeddings, LQER.
+      # Express Newton-Schulz; CaseOps, per-role clips, an int7 GPTQ'd embedding, LQER rank 4 on 3 matrices.
       export NUM_FLAT_LAYERS="${NUM_FLAT_LAYERS:-8}" NUM_CRAWLER_LAYERS="${NUM_CRAWLER_LAYERS:-3}"
       export CRAWLER_POSITION="${CRAWLER_POSITION:-3}" CRAWLER_LOOPS_SCHEDULE="${CRAWLER_LOOPS_SCHEDULE-0:1,0.35:3}"
       export PARALLEL_START="${PARALLEL_START:-8}" PARALLEL_LANES="${PARALLEL_LANES:-2}" ATTN_GATE="${ATTN_GATE:-0.5}"
@@ -115,6 +116,8 @@ case "$PROFILE" in
       export MUON_NS="${MUON_NS:-polar}" MUON_MOMENTUM="${MUON_MOMENTUM:-0.97}" BETA2="${BETA2:-0.99}"
       export WARMDOWN_FRAC="${WARMDOWN_FRAC:-0.85}" MIN_LR_SCALE="${MIN_LR_SCALE:-0.1}"
       export GPTQ_RESERVE_SECONDS="${GPTQ_RESERVE_SECONDS:-0.5}" EMA_DECAY="${EMA_DECAY:-0.9965}"
+      export VARIANT="${VARIANT:-caseops}" EMBED_QUANT="${EMBED_QUANT:-int7}" LQER_RANK="${LQER_RANK:-4}"
+      export QUANT_ROLES="${QUANT_ROLES-attn:13,mlp:11.5,embed:14}" LQER_TOP="${LQER_TOP:-3}"
     fi
     # Both: 11 unique 512-wide blocks, the crawler 3 times; sigmoid-gated U-Net skips over the block calls, LN scale
     # by unique position, no loop embedding, no n-gram or value embeddings, XSA everywhere; MuonEq-R; the
@@ -126,6 +129,7 @@ case "$PROFILE" in
     export XSA_LAST_N="${XSA_LAST_N:--1}" SCALAR_LR="${SCALAR_LR:-0.02}" TIED_EMBED_LR="${TIED_EMBED_LR:-0.03}"
     export MUON_ROW_NORM="${MUON_ROW_NORM:-1}" EMBED_WD="${EMBED_WD:-0.085}" ADAM_WD="${ADAM_WD:-0.02}"
     export LATE_QAT_THRESHOLD="${LATE_QAT_THRESHOLD:-0}" MATRIX_INIT="${MATRIX_INIT:-orthogonal}"
+    export VOCAB_SIZE="${VOCAB_SIZE:-8192}" EMBED_GPTQ="${EMBED_GPTQ:-1}"   # sp8192 (or CaseOps), GPTQ'd embedding
     ;;
   rehearsal)
     export ITERATIONS="${ITERATIONS:-2}" WARMUP_STEPS="${WARMUP_STEPS:-2}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"

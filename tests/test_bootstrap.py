@@ -406,7 +406,13 @@ def test_run_sh_applies_a_record_profile_to_dry_run_and_to_a_cpu_run(box, tmp_pa
             assert res.returncode == 0 and "CPU demo profile" in res.stdout, res.stderr
             assert "NUM_FLAT_LAYERS=2" in seen.read_text()
             seen.write_text(exported_text)
-            assert exported["DATA_PATH"] == "data/datasets/local_sp1024" and "NUM_FLAT_LAYERS=9" in seen.read_text()
+            assert exported["DATA_PATH"] == "data/datasets/local_sp8192" and "NUM_FLAT_LAYERS=9" in seen.read_text()
+            assert exported["VOCAB_SIZE"] == "8192" and exported["EMBED_GPTQ"] == "1" and "VARIANT" not in exported
+            res = box.run(["bash", "run.sh"], PROFILE="record_0427", FAKE_ENV_LOG=str(seen), MODEL_DIM="256")
+            caseops = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+            assert res.returncode == 0 and caseops["DATA_PATH"] == "data/datasets/local_caseops_sp8192", res.stderr
+            assert caseops["LQER_RANK"] == "4" and caseops["EMBED_QUANT"] == "int7"
+            assert any("prepare_local.py" in c and "--caseops" in c for c in res.calls), res.calls
 
 
 def _lock_entries(text):
