@@ -38,7 +38,7 @@ import train_gpt  # noqa: E402
 from experiments.cost_model import budget_steps  # noqa: E402
 
 RUNNER_VARS = ("SEEDS", "PROFILE", "PROXY", "THRESHOLD", "MIN_SEEDS", "TRAIN_CMD",   # with ABLATE_*: never passed
-               "TRAIN_TFLOPS", "QUESTION")                                         # on (TRAIN_TFLOPS: ITERATIONS)
+               "TRAIN_TFLOPS", "QUESTION", "VARIANT")         # on (TRAIN_TFLOPS: ITERATIONS; VARIANT: run.sh's data)
 # What a CPU verdict is for (QUESTION), and so how a compute budget (TRAIN_TFLOPS, PROFILE=cpu) becomes each arm's
 # steps. pod: every arm runs the control's steps (equal steps), the proxy that ranked published scripts closest to
 # their pod order (experiments/proxy_fidelity, LOG.md 2026-12-03); demo: each arm the steps the budget buys at its

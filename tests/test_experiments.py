@@ -610,7 +610,7 @@ def test_experiment_validates(exp, profile, tmp_path):
         raise
     arms = sweep.records
     assert list(arms)[0] == "control" and sweep.settings.seeds == (1337,)
-    if "source experiments/second_corpus.sh" in (exp / "run.sh").read_text():   # a choice confirmed on vimdoc
+    if re.search(r"^source experiments/second_corpus.sh", (exp / "run.sh").read_text(), re.M):   # on vimdoc always
         assert arms["control"]["env"]["DATA_PATH"] == "data/datasets/vimdoc_sp1024"
     elif profile == "cpu":
         assert arms["control"]["env"]["DATA_PATH"] == "data/datasets/local_sp1024"
