@@ -394,8 +394,8 @@ def reject_unknown_knobs(env: Mapping[str, str]) -> None:
         if name in ALIASES or name in REMOVED_KNOBS:
             why = ALIASES.get(name) or REMOVED_KNOBS[name][1]
             raise HyperparameterError(f"{var}: not a knob of train_gpt.py; {why}")
-        distance, closest = min((edits(name, k), k) for k in known)
-        if distance <= 2 or "_" in name and name.split("_")[0] in prefixes:
+        distance, closest = min((edits(name, k), k) for k in known)   # a 3-letter knob (TTT): one edit
+        if distance <= (1 if len(closest) <= 3 else 2) or "_" in name and name.split("_")[0] in prefixes:
             hint = f"did you mean {closest}?" if distance <= len(closest) // 2 else "see README's knob table"
             raise HyperparameterError(f"{var}: not a knob of train_gpt.py; {hint}")
 

@@ -153,13 +153,14 @@ def test_unrelated_names_are_accepted():
 
 
 def typos(name: str) -> list[str]:
-    """The four kinds of one-edit typo: a letter dropped, doubled, swapped with its neighbour, replaced."""
+    """The four kinds of one-edit typo: a letter dropped, doubled, swapped with its neighbour (when two
+    neighbours differ: TTT has none), replaced."""
     letters = [i for i, c in enumerate(name) if c.isalpha()]
     i, j = letters[len(letters) // 2], letters[-1]
-    swap = next(k for k in letters[:-1] if name[k] != name[k + 1] and name[k + 1].isalpha())
+    swaps = [k for k in letters[:-1] if name[k] != name[k + 1] and name[k + 1].isalpha()][:1]
     other = "Q" if name[j] != "Q" else "Z"
-    return [name[:i] + name[i + 1:], name[:i] + name[i] + name[i:],
-            name[:swap] + name[swap + 1] + name[swap] + name[swap + 2:], name[:j] + other + name[j + 1:]]
+    return [name[:i] + name[i + 1:], name[:i] + name[i] + name[i:], name[:j] + other + name[j + 1:],
+            *(name[:k] + name[k + 1] + name[k] + name[k + 2:] for k in swaps)]
 
 
 def test_one_edit_typos_of_every_knob_are_rejected():
