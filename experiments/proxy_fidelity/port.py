@@ -312,6 +312,10 @@ VARIANTS: dict[str, Script] = {
     "r0427_nogates": dataclasses.replace(SCRIPTS["r0427"], env={
         **SCRIPTS["r0427"].env, "SMEAR_GATE_ENABLED": "0", "SPARSE_ATTN_GATE_ENABLED": "0"}),
     "r0427_nolanes": dataclasses.replace(SCRIPTS["r0427"], env={**SCRIPTS["r0427"].env, "PARALLEL_START_LAYER": "-1"}),
+    # ... and with its loader's cursor jumping to a random place each batch instead of streaming the shard in order
+    "r0427_shuffled": dataclasses.replace(SCRIPTS["r0427"], patches=((
+        "        self.cursor += global_span\n",
+        "        self.cursor = int(np.random.randint(0, max(1, self.shard_size - 2 * global_span)))\n"),)),
 }
 STANDINS = (*OURS, *VARIANTS)
 
