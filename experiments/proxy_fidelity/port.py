@@ -316,6 +316,11 @@ VARIANTS: dict[str, Script] = {
     "r0427_shuffled": dataclasses.replace(SCRIPTS["r0427"], patches=((
         "        self.cursor += global_span\n",
         "        self.cursor = int(np.random.randint(0, max(1, self.shard_size - 2 * global_span)))\n"),)),
+    # ... shuffled, and without document masking: attention spans each train_seq_len window whole, as ours does
+    "r0427_shuffled_nodoc": dataclasses.replace(SCRIPTS["r0427"], patches=((
+        "        self.cursor += global_span\n",
+        "        self.cursor = int(np.random.randint(0, max(1, self.shard_size - 2 * global_span)))\n"), (
+        "        starts = self._local_doc_starts(local_start, inputs.numel())\n", "        starts = []\n"))),
 }
 STANDINS = (*OURS, *VARIANTS)
 
