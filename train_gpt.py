@@ -149,14 +149,24 @@ class Hyperparameters:
     eval_seq_len: int = knob(2048, 2, 2**20)  #: evaluation window length
     eval_stride: int = knob(64, 1, 2**20)  #: sliding-window stride of the final evaluation
     eval_only: str = knob("")  #: artifact to score without training (eval settings from the artifact)
-    #: score-first test-time training of the sliding score: sgd = each chunk of the val stream is scored, then
-    #: trained on (TTT_EPOCHS of SGD with momentum over all weights, cosine LR over the chunks), then the next
-    ttt: str = knob("off", choices=("off", "sgd"))
+    #: score-first test-time training: sgd = each chunk of the sliding-scored val stream, then trained on
+    #: (TTT_EPOCHS of SGD with momentum over all weights, cosine LR over the chunks); lora = each document
+    #: alone, TTT_LORA_CHUNK tokens scored, then a step of its own LoRA; +phased: SGD on the scored prefix
+    ttt: str = knob("off", choices=("off", "sgd", "lora", "lora+phased"))
     ttt_lr: float = knob(0.005, 0)  #: TTT's SGD learning rate (the records')
     ttt_epochs: int = knob(3, 0, 1000)  #: passes over each scored chunk
     ttt_momentum: float = knob(0.9, 0, 1)  #: TTT's SGD momentum
     ttt_chunk_tokens: int = knob(32768, 1, BIG)  #: tokens scored before each round of training
     ttt_batch_seqs: int = knob(32, 1, 65536)  #: sequences (EVAL_SEQ_LEN) a TTT step, all ranks together
+    ttt_lora_rank: int = knob(96, 1, 4096)  #: LoRA rank on each block's Q/K/V/O/MLP and the head
+    ttt_lora_lr: float = knob(1e-4, 0)  #: the LoRAs' AdamW LR (betas 0, 0.999; their output scale 144/rank)
+    ttt_lora_wd: float = knob(1.0, 0)  #: the LoRAs' decoupled weight decay
+    ttt_lora_chunk: int = knob(48, 1, 2**20)  #: tokens of a document scored before each LoRA step
+    ttt_lora_docs: int = knob(64, 1, 65536)  #: documents adapted at once on each rank (a batch)
+    ttt_lora_per_loop: bool = knob(False)  #: a crawler block's LoRA per loop (else one for all its loops)
+    ttt_phase_docs: int = knob(2000, 0, BIG)  #: lora+phased: the documents that the phases split
+    ttt_phases: int = knob(3, 1, 100)  #: SGD phases, after each 1/TTT_PHASES of the prefix is scored
+    ttt_phase_lr: float = knob(0.001, 0)  #: their SGD LR (one epoch, TTT_CHUNK_TOKENS chunks, cosine)
     quant: str = knob("gptq", choices=("rtn", "gptq"))  #: quantizer of the block matrices
     quant_k: float = knob(12.85, 0.5, 64)  #: SDClip: matrix clip in row stds (SIZE_TARGET=fit starts here)
     embed_quant_k: float = knob(20.0, 0.5, 64)  #: SDClip k of tables (the fit scales it as QUANT_K)
@@ -346,8 +356,8 @@ ALIASES = {old: f"here it is {new}" for pair in _RENAMED.replace("\n", "; ").spl
            for new, olds in [pair.split(": ")] for old in olds.split()} | dict.fromkeys(
     "TTT_BURST_ENABLED TTT_BURST_STEPS TTT_BURST_EPOCHS TTT_BURST_LR_FACTOR DISTILL_TEMP".split(),
     "the seeds' replay and self-distillation were deleted: no gain shown (experiments/LOG.md)") | {
-    "DEVICE": "the device is chosen for you: CUDA when torch sees a GPU (torchrun: one per process), else "
-              "the CPU; CUDA_VISIBLE_DEVICES= (empty) forces the CPU",
+    "DEVICE": "CUDA when torch sees a GPU (one a process), else the CPU; CUDA_VISIBLE_DEVICES= (empty) "
+              "forces the CPU",
     "DROPOUT": "there is no dropout", "BIAS": "linear maps have no bias", "TIE_EMBEDDINGS": "always tied",
     "NUM_TRAIN_EPOCHS": "ITERATIONS and MAX_WALLCLOCK_SECONDS bound training",
     **dict.fromkeys(("DTYPE", "FP16", "BF16"), "bf16 autocast on CUDA, fp32 on the CPU"),
@@ -368,10 +378,9 @@ _REMOVED = {"crawler_arms 2026-11-24": "DELTA_NET_HEADS=0",
             "quant_budget and quant, 2026-11-23": "QUANT_CLIP=sdclip COMPRESSOR=brotli"}
 REMOVED_KNOBS = {k: (off, f"its arm was deleted: experiments/LOG.md, {why}") for why, knobs in
                  _REMOVED.items() for k, off in (kv.split("=") for kv in knobs.split())}
-# Set by torchrun, or by platforms (Kubernetes' downward API, schedulers), sharing our prefixes: never knobs.
-FOREIGN_VARS = set("RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK ROLE_RANK "
-                   "ROLE_NAME ROLE_WORLD_SIZE GROUP_WORLD_SIZE TORCHELASTIC_RESTART_COUNT JOB_ID NUM_GPUS "
-                   "TORCHELASTIC_RUN_ID TORCHELASTIC_MAX_RESTARTS NUM_WORKERS NUM_NODES NODE_RANK".split())
+# Set by platforms (schedulers, Kubernetes' downward API) with one of our prefixes: never knobs. (torchrun's
+# RANK, WORLD_SIZE, MASTER_ADDR ... look like none of ours: tests/test_hparams.py passes them.)
+FOREIGN_VARS = {"NUM_GPUS", "NUM_WORKERS", "NUM_NODES"}
 # Prefixes too generic to claim: an unrelated variable may start with them.
 _GENERIC = set("RUN DATA LOG MODEL MAX VAL TRAIN SEED COMPILE ITERATIONS SIZE RECORDS ARTIFACT SUBMIT EMBED "
                "BYTE COMPRESS COMPRESSOR QUANT EVAL POD".split())
@@ -537,8 +546,8 @@ PACKED_PREFIX = b"import brotli,base64;exec(brotli.decompress(base64.b85decode("
 @functools.lru_cache(maxsize=1)
 def packed_code() -> bytes:
     """The submission's train_gpt.py, what the cap counts: this source without docstrings, comments and
-    function annotations (ast.unparse: the same program), brotli-compressed, base85-encoded and exec'd by a
-    one-line stub. A script that is already packed is its own packing."""
+    function annotations (ast.unparse: the same program; one space an indent level), brotli-compressed,
+    base85-encoded and exec'd by a one-line stub. A script that is already packed is its own packing."""
     src = source_bytes()
     if src.startswith(PACKED_PREFIX):
         return src
@@ -554,7 +563,8 @@ def packed_code() -> bytes:
                         node.args.kwarg]:
                 if arg is not None:
                     arg.annotation = None
-    packed = base64.b85encode(compress_bytes(ast.unparse(tree).encode()))
+    code = re.sub(r"(?m)^(?:    )+", lambda m: " " * (len(m[0]) // 4), ast.unparse(tree))   # a space a level
+    packed = base64.b85encode(compress_bytes(code.encode()))
     return PACKED_PREFIX + b'"' + packed + b'")))\n'
 
 # ======================================================================================================
@@ -564,7 +574,7 @@ def packed_code() -> bytes:
 # val_bpb charges each target token its UTF-8 bytes, read from the tokenizer's pieces (byte LUTs).
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
-SHARD_FIX = "rebuild it (python data/prepare_local.py --force) or fetch it (data/cached_challenge_fineweb.py)"
+DATA_FIX = "fetch FineWeb: bash setup_pod.sh, or build a local corpus: python data/prepare_local.py --force"
 BOS_ID = 1
 
 def shard_num_tokens(path: str | Path) -> int:
@@ -578,7 +588,7 @@ def shard_num_tokens(path: str | Path) -> int:
                      (header is None or header[1] == SHARD_VERSION, "unsupported version"),
                      (n >= 0 and size == SHARD_HEADER_INTS * 4 + 2 * n,
                       f"size {size} != header + 2*{n} tokens, truncated or corrupt")):
-        require(ok, str(path), f"{what} — {SHARD_FIX}", DataError)
+        require(ok, str(path), f"{what} — {DATA_FIX}", DataError)
     return n
 
 def shard_tokens(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
@@ -597,8 +607,7 @@ def shard_files(data_path: str, pattern: str, var: str) -> list[Path]:
     folder = Path(data_path)
     files = sorted(Path(p) for p in glob.glob(str(Path(glob.escape(str(folder))) / pattern)))
     require(bool(files), var, f"no shards match {folder.resolve() / pattern} (DATA_PATH is relative to "
-            f"{Path.cwd()}) — run from the repo root, set DATA_PATH, or fetch them with bash setup_pod.sh "
-            "(FineWeb) or python data/prepare_local.py (the demo corpus)", DataError)
+            f"{Path.cwd()}) — set DATA_PATH, or {DATA_FIX}", DataError)
     return files
 
 class ShuffledWindows:
@@ -667,12 +676,12 @@ def target_bytes(prev: Tensor, tgt: Tensor, luts: ByteLUTs) -> Tensor:
 
 def load_tokenizer(path: str):
     import sentencepiece as spm  # noqa: PLC0415 - only needed once data exists
-    hint = "fetch it with bash setup_pod.sh, or build the demo one with python data/prepare_local.py"
-    require(Path(path).is_file(), "TOKENIZER_PATH", f"{path} does not exist — {hint}", DataError)
+    require(Path(path).is_file(), "TOKENIZER_PATH", f"{path} does not exist — {DATA_FIX}", DataError)
     try:
         return spm.SentencePieceProcessor(model_file=str(path))
     except Exception as exc:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError for garbage
-        raise DataError(f"TOKENIZER_PATH: {path} is not a SentencePiece model ({exc}) — {hint}") from None
+        raise DataError(f"TOKENIZER_PATH: {path} is not a SentencePiece model ({exc}) — {DATA_FIX}") \
+            from None
 
 def read_manifest(data_path: str) -> dict:
     """The dataset's manifest.json ({} when there is none)."""
@@ -680,9 +689,7 @@ def read_manifest(data_path: str) -> dict:
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not readable JSON ({err}) — rebuild the dataset: python "
-                        "data/prepare_local.py --force (local corpora) or python "
-                        "data/cached_challenge_fineweb.py (FineWeb)") from None
+        raise DataError(f"{path}: not readable JSON ({err}) — {DATA_FIX}") from None
 
 def check_tokenizer_fits_shards(sp, val_tokens: Tensor, hp: Hyperparameters) -> None:
     """The tokenizer must be the one that made the shards: the manifest names its sha256 when
@@ -698,12 +705,9 @@ def check_tokenizer_fits_shards(sp, val_tokens: Tensor, hp: Hyperparameters) -> 
         require(actual == expected, "TOKENIZER_PATH", f"{path} (sha256 {actual[:12]}…) is not the "
                 f"tokenizer the dataset's manifest names ({expected[:12]}…) — {fix}", DataError)
         return
-    docs = [d for d in " ".join(map(str, val_tokens[:65536].tolist())).split(f" {BOS_ID} ") if d.strip()][:8]
-    ratios = []
-    for doc in docs:
-        sample = [int(t) for t in doc.split() if int(t) != BOS_ID][:512]
-        again = sp.encode(sp.decode(sample))[:len(sample)]
-        ratios.append(difflib.SequenceMatcher(None, sample, again, autojunk=False).ratio())
+    samples = [val_tokens[a + 1:b].tolist()[:512] for a, b in documents(val_tokens[:65536])[:8]]
+    ratios = [difflib.SequenceMatcher(None, s, sp.encode(sp.decode(s))[:len(s)], autojunk=False).ratio()
+              for s in samples if s]
     agreement = sum(ratios) / max(len(ratios), 1)
     require(not ratios or agreement >= 0.99, "TOKENIZER_PATH", f"{path} re-encodes the val shards' text to "
             f"other ids (agreement {agreement:.3f}) — {fix}", DataError)
@@ -1030,14 +1034,18 @@ class CrawlerGPT(nn.Module):
                 skips.append(x)
         return rms_norm(x if lane is None else (x + lane) / 2)
 
-    def logits(self, ids: Tensor, loops: int | None = None) -> Tensor:
-        logits = F.linear(self.hidden(ids, loops), self.tok_emb.weight).float()
+    def logits(self, ids: Tensor, loops: int | None = None, head: Callable | None = None) -> Tensor:
+        """head: a LoRA of the tied head (TTT=lora), added to the logits."""
+        h = self.hidden(ids, loops)
+        logits = F.linear(h, self.tok_emb.weight).float()
+        logits = logits + head(h).float() if head else logits
         cap = self.hp.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
-    def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False, loops: int = None) -> Tensor:
+    def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False, loops: int = None,
+                head: Callable | None = None) -> Tensor:
         """Mean loss (per-token NLL with per_token): one entry point for training and eval, compiled too."""
-        logits = self.logits(ids, loops)
+        logits = self.logits(ids, loops, head)
         nll = F.cross_entropy(logits.flatten(0, -2), targets.reshape(-1), reduction="none").view_as(targets)
         return nll if per_token else nll.mean()
 
@@ -2006,42 +2014,50 @@ def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len:
     seq_len = min(seq_len, tokens.numel() - 1)
     windows = sliding_windows(tokens.numel(), seq_len, stride)
     batch = max(1, min(batch_tokens // (seq_len * dinfo.world_size), len(windows)))
-    if ttt is not None and ttt.ttt != "off":
-        sums = score_first_ttt(model, tokens, luts, seq_len, windows, batch, ttt, dinfo, device, log)
+    ids = tokens.to(device, torch.int64)   # tb: the bytes of each target (target j is token j + 1)
+    tb = (target_bytes(ids[:-1], ids[1:], luts) if isinstance(luts, ByteLUTs) else luts[1:]).to(device)
+    if ttt is not None and ttt.ttt.startswith("lora"):
+        sums = lora_ttt(model, tokens, tb, seq_len, ttt, dinfo, device, log)
+    elif ttt is not None:
+        sums = score_first_ttt(model, tokens, tb, seq_len, windows, batch, ttt, dinfo, device, log)
     else:
-        sums = score_windows(model, tokens, luts, seq_len, windows[dinfo.rank::dinfo.world_size], batch,
+        sums = score_windows(model, tokens, tb, seq_len, windows[dinfo.rank::dinfo.world_size], batch,
                              device, log)
     if dinfo.distributed:
         dist.all_reduce(sums)
     return (sums[0] / sums[2]).item(), bits_per_byte(sums[0].item(), sums[1].item())
 
+def add_scores(sums: Tensor, nll: Tensor, targets: Tensor, tb: Tensor) -> None:
+    """Add (nll, bytes, count) of the scored positions; targets: each position's target index, -1 unscored."""
+    keep = targets >= 0
+    sums += torch.stack([nll[keep].double().sum(), tb[targets[keep]].double().sum(), keep.sum().double()])
+
+def progress(log: Logger | None, what: str, done: int, total: int, sums: Tensor, t0: float) -> None:
+    """A line at each tenth of the work: how far, scored tokens a second, the time left."""
+    if log and done % max(1, total // 10) == 0:
+        spent = time.perf_counter() - t0
+        log.kv(**{what: f"{done}/{total}"}, scored_tok_s=f"{sums[2].item() / spent:.0f}",
+               eta=f"{spent * (total - done) / done:.0f}s")
+
 @torch.no_grad()
-def score_windows(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len: int,
-                  mine: list[tuple[int, int]], batch: int, device: torch.device, log: Logger | None = None
-                  ) -> Tensor:
+def score_windows(model: nn.Module, tokens: Tensor, tb: Tensor, seq_len: int, mine: list[tuple[int, int]],
+                  batch: int, device: torch.device, log: Logger | None = None) -> Tensor:
     """(summed nll, bytes, tokens) of this rank's windows. Every batch has the same shape (the last is padded
     with windows that score nothing): one compiled graph. With a log: progress."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, bytes, tokens
     was_training, t0, starts = model.training, time.perf_counter(), range(0, max(len(mine), 1), batch)
     model.eval()
-    offsets = torch.arange(seq_len, device=device)[None, :]
+    offsets = torch.arange(seq_len)[None, :]
     for n, i in enumerate(starts, 1):
         chunk = mine[i:i + batch]
-        firsts = [first for _, first in chunk] + [seq_len] * (batch - len(chunk))   # padding scores nothing
-        chunk = chunk + [(0, seq_len)] * (batch - len(chunk))
+        firsts = torch.tensor([first for _, first in chunk] + [seq_len] * (batch - len(chunk)))[:, None]
+        chunk = chunk + [(0, seq_len)] * (batch - len(chunk))                # padding scores nothing
         idx = torch.stack([tokens[s:s + seq_len + 1] for s, _ in chunk]).to(device=device, dtype=torch.int64)
-        x, y = idx[:, :-1], idx[:, 1:]
         with autocast(device):
-            nll = model(x, y, per_token=True).double()
-        keep = offsets >= torch.tensor(firsts, device=device)[:, None]
-        sums[0] += nll[keep].sum()
-        sums[1] += (target_bytes(x[keep], y[keep], luts) if isinstance(luts, ByteLUTs) else torch.stack(
-            [luts[s + 1:s + seq_len + 1] for s, _ in chunk]).to(device)[keep]).double().sum()
-        sums[2] += keep.sum()
-        if log and n % max(1, len(starts) // 10) == 0 and n < len(starts):
-            spent = time.perf_counter() - t0
-            log.kv(eval_windows=f"{n * batch}/{len(mine)}", tok_s=f"{sums[2].item() / spent:.0f}",
-                   eta=f"{spent * (len(starts) - n) / n:.0f}s")
+            nll = model(idx[:, :-1], idx[:, 1:], per_token=True)
+        targets = torch.tensor([s for s, _ in chunk])[:, None] + offsets
+        add_scores(sums, nll, torch.where(offsets >= firsts, targets, -1).to(device), tb)
+        progress(log, "eval_batches", n, len(starts), sums, t0)
     model.train(was_training)
     return sums
 
@@ -2049,32 +2065,25 @@ def ttt_sequences(first: int, end: int, seq_len: int) -> list[int]:
     """Starts of the training sequences whose targets all lie in [first, end): target j is token j + 1."""
     return list(range(first, end - seq_len + 1, seq_len))
 
-def score_first_ttt(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len: int,
-                    windows: list[tuple[int, int]], batch: int, hp: Hyperparameters, dinfo: DistInfo,
-                    device: torch.device, log: Logger | None = None) -> Tensor:
-    """TTT=sgd, legal by construction: the targets come in chunks of TTT_CHUNK_TOKENS; a window belongs to the
-    chunk of its first scored target, so every target is scored by then; chunk c's windows are scored (no
-    gradient), and only then does the model train on sequences whose targets all lie in chunks <= c. A step
-    averages the gradient over TTT_BATCH_SEQS sequences of all ranks: any number of ranks, the same maths."""
-    chunk, n_targets = hp.ttt_chunk_tokens, tokens.numel() - 1
-    n_chunks = -(-n_targets // chunk)
-    groups: list[list] = [[] for _ in range(n_chunks)]
-    for s, first in windows:
-        groups[min((s + first) // chunk, n_chunks - 1)].append((s, first))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-    sums, t0 = torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
-    for c, group in enumerate(groups):
-        sums += score_windows(model, tokens, luts, seq_len, group[dinfo.rank::dinfo.world_size], batch,
-                              device)
-        last = c == n_chunks - 1
-        starts = [] if last else ttt_sequences(c * chunk, min((c + 1) * chunk, n_targets), seq_len)
+def sgd_ttt(model: nn.Module, tokens: Tensor, end: int, seq_len: int, lr: float, epochs: int,
+            hp: Hyperparameters, dinfo: DistInfo, device: torch.device,
+            score: Callable[[int], None] = lambda c: None) -> None:
+    """SGD with momentum on all weights over the targets [0, end) in chunks of TTT_CHUNK_TOKENS: chunk c is
+    first scored (score(c), TTT=sgd), then trained on for `epochs` at a cosine LR (0 at the last chunk: only
+    scored). A step averages the gradient of TTT_BATCH_SEQS sequences of all ranks: any number of ranks, one
+    maths."""
+    chunk, params = hp.ttt_chunk_tokens, list(model.requires_grad_(True).parameters())
+    opt, n = torch.optim.SGD(params, lr=lr, momentum=hp.ttt_momentum), -(-end // hp.ttt_chunk_tokens)
+    for p in params:   # zeros, not None: a rank with no sequence in a step still all-reduces
+        p.grad = torch.zeros_like(p)
+    for c in range(n):
+        score(c)
+        starts = ttt_sequences(c * chunk, (c + 1) * chunk, seq_len) if c < n - 1 else []
         for g in opt.param_groups:
-            g["lr"] = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-        for _, b in itertools.product(range(hp.ttt_epochs), range(0, len(starts), hp.ttt_batch_seqs)):
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * c / max(n - 1, 1)))
+        for _, b in itertools.product(range(epochs), range(0, len(starts), hp.ttt_batch_seqs)):
             step = starts[b:b + hp.ttt_batch_seqs]
-            for p in params:
-                p.grad = torch.zeros_like(p)
+            opt.zero_grad(set_to_none=False)
             for a in step[dinfo.rank::dinfo.world_size]:
                 idx = tokens[a:a + seq_len + 1].to(device=device, dtype=torch.int64)[None]
                 with autocast(device):
@@ -2084,11 +2093,123 @@ def score_first_ttt(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, s
                     dist.all_reduce(p.grad)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-        if log and (c + 1) % max(1, n_chunks // 10) == 0:
-            spent = time.perf_counter() - t0
-            log.kv(ttt_chunk=f"{c + 1}/{n_chunks}", scored_tok_s=f"{sums[2].item() / spent:.0f}",
-                   eta=f"{spent * (n_chunks - c - 1) / (c + 1):.0f}s")
+    model.zero_grad(set_to_none=True)
+
+def score_first_ttt(model: nn.Module, tokens: Tensor, tb: Tensor, seq_len: int,
+                    windows: list[tuple[int, int]], batch: int, hp: Hyperparameters, dinfo: DistInfo,
+                    device: torch.device, log: Logger | None = None) -> Tensor:
+    """TTT=sgd, legal by construction: a window belongs to the chunk of its first scored target, so every
+    target is scored by then; chunk c's windows are scored (no gradient), and only then does the model train
+    on sequences whose targets all lie in chunks <= c."""
+    chunk, n_targets = hp.ttt_chunk_tokens, tokens.numel() - 1
+    n_chunks = -(-n_targets // chunk)
+    groups: list[list] = [[] for _ in range(n_chunks)]
+    for s, first in windows:
+        groups[min((s + first) // chunk, n_chunks - 1)].append((s, first))
+    sums, t0 = torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
+
+    def score(c: int) -> None:
+        sums.add_(score_windows(model, tokens, tb, seq_len, groups[c][dinfo.rank::dinfo.world_size], batch,
+                                device))
+        progress(log, "ttt_chunk", c + 1, n_chunks, sums, t0)
+    sgd_ttt(model, tokens, n_targets, seq_len, hp.ttt_lr, hp.ttt_epochs, hp, dinfo, device, score)
     model.eval()
+    return sums
+
+def documents(tokens: Tensor) -> list[tuple[int, int]]:
+    """Each document's targets [first, end) (target j is token j + 1): from its BOS up to the next BOS, its
+    last target (as the records' TTT). Together they hold every target of the stream once."""
+    cuts = sorted({0, *(tokens[:-1] == BOS_ID).nonzero()[:, 0].tolist(), tokens.numel() - 1})
+    return list(zip(cuts, cuts[1:]))
+
+LORA_ALPHA = 144.0   # a LoRA's output is scaled by LORA_ALPHA / rank (the records')
+
+class LoRA:
+    """Low-rank adapters of one module for a batch of documents: out += x @ A @ B * LORA_ALPHA / r. A [docs,
+    in, r] is one seeded draw for all documents, B [docs, r, out] zero: each starts from the model itself.
+    With slots > 1 (TTT_LORA_PER_LOOP, a crawler block) the calls of one forward pass cycle through them."""
+    def __init__(self, docs: int, fan_in: int, fan_out: int, rank: int, gen: torch.Generator, slots: int,
+                 device: torch.device):
+        a = (torch.rand(slots, fan_in, rank, generator=gen) * 2 - 1) * fan_in ** -0.5
+        self.A = [t.expand(docs, -1, -1).contiguous().to(device).requires_grad_() for t in a]
+        self.B = [torch.zeros(docs, rank, fan_out, device=device, requires_grad=True) for _ in range(slots)]
+        self.scale, self.calls = LORA_ALPHA / rank, 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        i, self.calls = self.calls % len(self.A), self.calls + 1
+        return (x @ self.A[i].to(x.dtype)) @ self.B[i].to(x.dtype) * self.scale
+
+    def hook(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return out + self(args[0]).to(out.dtype)
+
+def attach_lora(model: CrawlerGPT, docs: int, hp: Hyperparameters, device: torch.device) -> tuple:
+    """(the head's LoRA, every adapter tensor, the hooks) for a batch of documents: LoRAs on each block's q,
+    k, v, on its attention output and its MLP output (each from that module's normed input, as the records')
+    and on the tied head."""
+    gen, mh, dim = torch.Generator().manual_seed(hp.seed), model.hp, model.hp.model_dim
+    head = LoRA(docs, dim, mh.vocab_size, hp.ttt_lora_rank, gen, 1, device)
+    adapters, hooks = [head], []
+    for b, block in enumerate(model.blocks):
+        slots = mh.crawler_loops if hp.ttt_lora_per_loop and b >= mh.num_flat_layers else 1
+        for m in (block.attn.q, block.attn.k, block.attn.v, block.attn, block.mlp):
+            fan_out = getattr(m, "out_features", dim)
+            adapters.append(LoRA(docs, dim, fan_out, hp.ttt_lora_rank, gen, slots, device))
+            hooks.append(m.register_forward_hook(adapters[-1].hook))
+    return head, [t for a in adapters for t in (*a.A, *a.B)], hooks
+
+def lora_batch(model: CrawlerGPT, tokens: Tensor, tb: Tensor, batch: list[tuple[int, int]], seq_len: int,
+               hp: Hyperparameters, device: torch.device) -> Tensor:
+    """(nll, bytes, tokens) of a batch of documents, TTT_LORA_CHUNK targets of each at a time: scored in a
+    window of at most seq_len of the document's own tokens, then its LoRA takes an AdamW step on their mean
+    loss."""
+    head, params, hooks = attach_lora(model, len(batch), hp, device)
+    opt = torch.optim.AdamW(params, hp.ttt_lora_lr, (0.0, 0.999), 1e-10, hp.ttt_lora_wd)
+    sums, size = torch.zeros(3, dtype=torch.float64, device=device), hp.ttt_lora_chunk
+    firsts, ends = (torch.tensor(v)[:, None] for v in zip(*batch))
+    try:
+        for c in range(-(-int((ends - firsts).max()) // size)):
+            lo, hi = firsts + c * size, torch.minimum(ends, firsts + (c + 1) * size)   # this chunk's targets
+            start = torch.maximum(firsts, hi - seq_len)                     # each row's window of targets
+            idx = start + torch.arange(int((hi - start).max()))
+            x, y = (tokens[idx.clamp(max=tokens.numel() - 2) + k].to(device, torch.int64) for k in (0, 1))
+            scored = (idx >= lo) & (idx < hi)
+            with autocast(device):
+                nll = model(x, y, per_token=True, head=head)
+            add_scores(sums, nll.detach(), torch.where(scored, idx, -1).to(device), tb)
+            train = (scored & (hi < ends)).to(device)                       # documents with targets to come
+            if train.any():
+                opt.zero_grad(set_to_none=True)
+                ((nll * train).sum(1) / train.sum(1).clamp_min(1)).sum().backward()
+                opt.step()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+def lora_ttt(model: nn.Module, tokens: Tensor, tb: Tensor, seq_len: int, hp: Hyperparameters, dinfo: DistInfo,
+             device: torch.device, log: Logger | None = None) -> Tensor:
+    """TTT=lora, legal by construction: every document is scored alone by lora_batch, each target before any
+    step on it. The documents of a rank go in batches of similar length; as each starts from the same
+    adapters, the score does not depend on the batching or the number of ranks. lora+phased: the first
+    TTT_PHASE_DOCS documents are scored in TTT_PHASES segments, and after each one all ranks train the model
+    itself by SGD on every target scored so far (all documents before the boundary: a prefix of the stream),
+    then go on."""
+    raw, docs = getattr(model, "_orig_mod", model), documents(tokens)   # the module: hooks on its blocks
+    n = min(hp.ttt_phase_docs, len(docs)) if hp.ttt == "lora+phased" else 0
+    phases = sorted({n * k // hp.ttt_phases for k in range(1, hp.ttt_phases + 1)} - {0, len(docs)})
+    sums, t0 = torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
+    for a, b in zip([0, *phases], [*phases, len(docs)]):
+        raw.requires_grad_(False)
+        mine = sorted(docs[a:b][dinfo.rank::dinfo.world_size], key=lambda d: d[1] - d[0])
+        for i in range(0, len(mine), hp.ttt_lora_docs):
+            sums += lora_batch(raw, tokens, tb, mine[i:i + hp.ttt_lora_docs], seq_len, hp, device)
+            batches = -(-len(mine) // hp.ttt_lora_docs)
+            progress(log, f"ttt_docs_{a}_{b}", i // hp.ttt_lora_docs + 1, batches, sums, t0)
+        if b < len(docs):   # a phase: one epoch of SGD over the targets scored so far, [0, docs[b - 1] end)
+            sgd_ttt(raw, tokens, docs[b - 1][1], seq_len, hp.ttt_phase_lr, 1, hp, dinfo, device)
+            if log:
+                log.kv(ttt_phase_docs=b, trained_to=docs[b - 1][1], seconds=f"{time.perf_counter() - t0:.0f}")
+    raw.requires_grad_(True).eval()
     return sums
 
 def eval_settings(hp: Hyperparameters, meta: dict) -> dict:

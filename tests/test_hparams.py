@@ -94,7 +94,10 @@ def test_unrelated_environment_is_accepted():
     env = {"HOME": "/root", "PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "0",
            "NCCL_DEBUG": "INFO", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "29500",
            "PYTHONPATH": ".", "CI": "true", "HF_HOME": "/tmp", "LANG": "C.UTF-8"}
-    tg.Hyperparameters.from_env(env)
+    platform = ("LOCAL_WORLD_SIZE MASTER_ADDR GROUP_RANK ROLE_RANK ROLE_NAME ROLE_WORLD_SIZE GROUP_WORLD_SIZE JOB_ID "
+                "TORCHELASTIC_RESTART_COUNT TORCHELASTIC_RUN_ID TORCHELASTIC_MAX_RESTARTS NODE_RANK NUM_GPUS "
+                "NUM_WORKERS NUM_NODES")   # torchrun's and schedulers' (the last three share our NUM_ prefix)
+    tg.Hyperparameters.from_env({**env, **dict.fromkeys(platform.split(), "1")})
     tg.Hyperparameters.from_env(dict(os.environ))
 
 

@@ -118,9 +118,10 @@ def test_the_probe_catches_planted_leaks(monkeypatch, plant, cut):
     assert leaks(monkeypatch, cut, train_first if plant.startswith("trains on the windows") else None), plant
 
 
-def test_ttt_across_two_gloo_processes_scores_as_one(local_corpus, tmp_path):
-    """EVAL_ONLY with TTT=sgd on one artifact: torchrun with two gloo processes (windows and training sequences
-    split across them, gradients all-reduced) gives one process's score."""
+@pytest.mark.parametrize("mode", ["sgd", "lora+phased"])
+def test_ttt_across_two_gloo_processes_scores_as_one(local_corpus, tmp_path, mode):
+    """EVAL_ONLY with TTT on one artifact: torchrun with two gloo processes (windows, documents and training
+    sequences split across them, gradients all-reduced) gives one process's score."""
     dataset, tokenizer = local_corpus
     env = {"DATA_PATH": str(dataset), "TOKENIZER_PATH": str(tokenizer), "MODEL_DIM": "64", "NUM_HEADS": "4",
            "NUM_KV_HEADS": "2", "ROPE_DIMS": "8", "TRAIN_SEQ_LEN": "128", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "128",
@@ -128,8 +129,9 @@ def test_ttt_across_two_gloo_processes_scores_as_one(local_corpus, tmp_path):
            "VAL_LOSS_EVERY": "0", "QUANT": "rtn", "COMPRESS_LEVEL": "5", "LOG_DIR": str(tmp_path / "logs"),
            "ARTIFACT_DIR": str(tmp_path / "art"), "RECORDS_DIR": str(tmp_path / "rec"), "RUN_ID": "base"}
     artifact = tg.main(env)["artifact"]
-    ttt = {**env, "EVAL_ONLY": artifact, "TTT": "sgd", "TTT_CHUNK_TOKENS": "4096", "TTT_BATCH_SEQS": "4",
-           "TTT_EPOCHS": "1"}
+    ttt = {**env, "EVAL_ONLY": artifact, "TTT": mode, "TTT_CHUNK_TOKENS": "4096", "TTT_BATCH_SEQS": "4",
+           "TTT_EPOCHS": "1", "TTT_LORA_RANK": "8", "TTT_LORA_CHUNK": "32", "TTT_LORA_DOCS": "5",
+           "TTT_PHASE_DOCS": "12", "TTT_PHASES": "2", "TTT_LORA_LR": "0.001", "TTT_PHASE_LR": "0.01"}
     one = tg.main({**ttt, "RUN_ID": "one"})
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "train_gpt.py")], env={**os.environ, **ttt, "RUN_ID": "two", "OMP_NUM_THREADS": "1"},
@@ -139,3 +141,164 @@ def test_ttt_across_two_gloo_processes_scores_as_one(local_corpus, tmp_path):
     bpb = float(log.split("ttt_val_bpb:")[1].split()[0])
     assert "world:2" in log and bpb == pytest.approx(one["val_bpb"], rel=1e-5)
     assert one["val_bpb"] != pytest.approx(one["post_quant_val_bpb"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- TTT=lora
+# Documents of 20-60 tokens (BOS at fixed places, no other BOS), windows of SEQ, chunks of LORA_CHUNK targets.
+LORA_CHUNK = 8
+BOS_AT = (0, 37, 61, 120, 150, 203, 231, 290, 330, 371)
+
+
+def doc_stream(n=400, seed=0):
+    tokens = torch.randint(2, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+    tokens[list(BOS_AT)] = tg.BOS_ID
+    return tokens
+
+
+def lora_hp(mode="lora", **overrides):
+    env = {"TTT": mode, "TTT_LORA_CHUNK": LORA_CHUNK, "TTT_LORA_RANK": 4, "TTT_LORA_LR": 0.003, "TTT_LORA_DOCS": 3,
+           "TTT_PHASE_DOCS": 6, "TTT_PHASES": 2, "TTT_CHUNK_TOKENS": CHUNK, "TTT_BATCH_SEQS": 2, "TTT_PHASE_LR": 0.1}
+    return tg.Hyperparameters.from_env({k: str(v) for k, v in {**env, **overrides}.items()})
+
+
+def test_documents_hold_every_target_once():
+    tokens = doc_stream()
+    docs = tg.documents(tokens)
+    assert [t for a, b in docs for t in range(a, b)] == list(range(len(tokens) - 1))
+    assert [a for a, _ in docs] == list(BOS_AT)                      # each starts at its BOS ...
+    assert all(tokens[b] == tg.BOS_ID for _, b in docs[:-1])          # ... and its last target is the next BOS
+
+
+def test_lora_without_learning_scores_each_document_alone():
+    """lr 0: the adapters stay zero, so the score is the model's on each document from its own BOS (windows of
+    SEQ tokens of the document, as the chunks go)."""
+    tokens, model = doc_stream(), make_model()
+    nll = bytes_ = 0.0
+    with torch.no_grad():
+        for a, b in tg.documents(tokens):
+            for lo in range(a, b, LORA_CHUNK):
+                hi = min(b, lo + LORA_CHUNK)
+                start = max(a, hi - SEQ)
+                per = model(tokens[start:hi][None].long(), tokens[start + 1:hi + 1][None].long(), per_token=True)[0]
+                nll += per[lo - start:].double().sum().item()
+                bytes_ += 2 * (hi - lo)
+    got = run(tokens, lora_hp(TTT_LORA_LR=0))
+    assert got[0] == pytest.approx(nll / (len(tokens) - 1), rel=1e-9)
+    assert got[1] == pytest.approx(tg.bits_per_byte(nll, bytes_), rel=1e-9)
+
+
+def test_lora_learns_a_document_that_repeats():
+    pattern = torch.randint(2, VOCAB, (12,), generator=torch.Generator().manual_seed(3))
+    tokens = torch.cat([torch.tensor([tg.BOS_ID]), pattern.repeat(20)])
+    assert run(tokens, lora_hp())[0] < run(tokens, lora_hp(TTT_LORA_LR=0))[0] - 1
+
+
+def lora_distributions(tokens, hp, monkeypatch, plant=None):
+    """Each scored target's predictive distribution, taken when TTT=lora scores it (a spy on the logits and on
+    add_scores, which names the targets each scored position stands for)."""
+    seen, last, real_logits, real_add = {}, {}, tg.CrawlerGPT.logits, tg.add_scores
+
+    def logits(self, ids, loops=None, head=None):
+        last["logits"] = real_logits(self, ids, loops, head)
+        return last["logits"]
+
+    def add_scores(sums, nll, targets, tb):
+        logp = last["logits"].detach().log_softmax(-1)
+        for (r, j) in (targets >= 0).nonzero().tolist():
+            seen[int(targets[r, j])] = logp[r, j]
+        return real_add(sums, nll, targets, tb)
+    monkeypatch.setattr(tg.CrawlerGPT, "logits", logits)
+    monkeypatch.setattr(tg, "add_scores", add_scores)
+    if plant:
+        plant(monkeypatch)
+    run(tokens, hp)
+    monkeypatch.undo()
+    return seen
+
+
+def lora_leaks(monkeypatch, cut, hp, plant=None, changed=None):
+    """Targets j <= cut whose distribution moved when only tokens after cut changed (BOS kept where it is)."""
+    tokens = doc_stream()
+    if changed is None:
+        changed = tokens.clone()
+        tail = changed[cut + 1:]
+        changed[cut + 1:] = torch.where(tail == tg.BOS_ID, tail, 2 + (tail - 2 + 5) % (VOCAB - 2))
+    a, b = (lora_distributions(t, hp, monkeypatch, plant) for t in (tokens, changed))
+    assert sorted(a) == list(range(len(tokens) - 1))                    # every target scored exactly once
+    return [j for j in a if j <= cut and not torch.equal(a[j], b[j])]
+
+
+@pytest.mark.parametrize("mode", ["lora", "lora+phased"])
+@pytest.mark.parametrize("cut", [44, 64, 100, 160, 250])
+def test_lora_never_sees_a_token_before_scoring_it(monkeypatch, mode, cut):
+    """Exact equality, as for TTT=sgd; the phases (after documents 3 and 6) train the model on what was scored."""
+    assert lora_leaks(monkeypatch, cut, lora_hp(mode)) == []
+
+
+def test_lora_documents_do_not_see_each_other(monkeypatch):
+    """Each document starts from the same adapters: changing one document (the 4th) moves no other one's
+    distributions, even those scored after it."""
+    tokens = doc_stream()
+    changed = tokens.clone()
+    changed[BOS_AT[3] + 1:BOS_AT[4]] = 2 + (changed[BOS_AT[3] + 1:BOS_AT[4]] - 2 + 5) % (VOCAB - 2)
+    a, b = (lora_distributions(t, lora_hp(), monkeypatch) for t in (tokens, changed))
+    assert [j for j in a if not torch.equal(a[j], b[j]) and not BOS_AT[3] <= j < BOS_AT[4]] == []
+
+
+def carry_lora(monkeypatch):
+    """Planted: each batch's adapters start where the previous batch's first document left them."""
+    real, prev = tg.attach_lora, []
+
+    def attach(model, docs, hp, device):
+        head, params, hooks = real(model, docs, hp, device)
+        with torch.no_grad():
+            for p, q in zip(params, prev):
+                p.copy_(q[:1].expand_as(p))
+        prev[:] = params
+        return head, params, hooks
+    monkeypatch.setattr(tg, "attach_lora", attach)
+
+
+def train_before_scoring(monkeypatch):
+    """Planted: an SGD step of the head's LoRA on the window about to be scored, before scoring it."""
+    real = tg.CrawlerGPT.forward
+
+    def forward(self, ids, targets, per_token=False, loops=None, head=None):
+        if head is not None:
+            real(self, ids, targets, False, loops, head).backward()
+            with torch.no_grad():
+                for t in (*head.A, *head.B):
+                    t -= 1.0 * t.grad
+                    t.grad = None
+        return real(self, ids, targets, per_token, loops, head)
+    monkeypatch.setattr(tg.CrawlerGPT, "forward", forward)
+
+
+def look_ahead(monkeypatch):
+    """Planted: a phase's SGD reads two sequences past each chunk, past the scored prefix at its end."""
+    real = tg.ttt_sequences
+    monkeypatch.setattr(tg, "ttt_sequences", lambda first, end, seq: real(first, end + 2 * seq, seq))
+
+
+@pytest.mark.parametrize("plant, mode, cut", [
+    (carry_lora, "lora", 250), (train_before_scoring, "lora", 100), (look_ahead, "lora+phased", BOS_AT[3])])
+def test_the_probe_catches_planted_lora_leaks(monkeypatch, plant, mode, cut):
+    # chunks of 52: the first phase trains on [0, 52) and [52, 104) of its prefix [0, 120) (the last chunk has
+    # LR 0); two sequences past 104 reach target 131
+    hp = lora_hp(mode, TTT_CHUNK_TOKENS=52)
+    assert lora_leaks(monkeypatch, cut, hp, plant), plant.__doc__
+    if plant is look_ahead:
+        assert lora_leaks(monkeypatch, cut, hp) == []
+
+
+def test_lora_per_loop_gives_the_crawler_one_adapter_a_loop():
+    """TTT_LORA_PER_LOOP: the crawler block's five adapters get a slot per loop; the flat blocks' stay one."""
+    model, one, per = make_model(), lora_hp(), lora_hp(TTT_LORA_PER_LOOP=1)
+    _, shared, hooks = tg.attach_lora(model, 2, one, CPU)
+    [h.remove() for h in hooks]
+    _, looped, hooks = tg.attach_lora(model, 2, per, CPU)
+    [h.remove() for h in hooks]
+    loops = model.hp.crawler_loops * model.hp.num_crawler_layers
+    assert len(looped) - len(shared) == 2 * 5 * (loops - model.hp.num_crawler_layers)
+    tokens = doc_stream()
+    assert run(tokens, per) != pytest.approx(run(tokens, one), rel=1e-9)
