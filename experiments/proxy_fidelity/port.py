@@ -321,6 +321,38 @@ VARIANTS: dict[str, Script] = {
         "        self.cursor += global_span\n",
         "        self.cursor = int(np.random.randint(0, max(1, self.shard_size - 2 * global_span)))\n"), (
         "        starts = self._local_doc_starts(local_start, inputs.numel())\n", "        starts = []\n"))),
+    # ... trained on the record's own ShuffledSequenceLoader (defined in its file, unused there; the 04-05 and
+    # 04-09 records' loader): each micro-batch 4 independent 256-token windows, every window once an epoch, as
+    # ours; dense causal attention per window (no document masking). Diagnostic only: while the loop is off, a
+    # second validation with it on (ours validates every loop), logged as "looped_eval", not in the curve.
+    "r0427_seqloader": dataclasses.replace(SCRIPTS["r0427"], patches=((
+        "class RMSNorm(nn.Module):\n",
+        "class _PortSequenceLoader(ShuffledSequenceLoader):\n"
+        "    def next_batch(self, global_tokens, grad_accum_steps):\n"
+        "        x, y = super().next_batch(global_tokens, grad_accum_steps)\n"
+        "        return x, y, None, self.seq_len\n\n\n"
+        "class RMSNorm(nn.Module):\n"), (
+        "    optimizers = Optimizers(h, base_model)\n    train_loader = DocumentPackingLoader(h, device)\n",
+        "    optimizers = Optimizers(h, base_model)\n    train_loader = _PortSequenceLoader(h, device)\n"), (
+        '                f"{step}/{h.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}"\n            )\n',
+        '                f"{step}/{h.iterations} val_loss: {val_loss:.4f} val_bpb: {val_bpb:.4f}"\n            )\n'
+        "            if h.num_loops > 0 and step > 0 and not base_model.looping_active:\n"
+        "                base_model.looping_active = True\n"
+        "                _lv = eval_val(h, device, val_data, model, compiled_forward_logits)\n"
+        "                base_model.looping_active = False\n"
+        '                log(f"looped_eval step:{step} val_loss:{_lv[0]:.4f} val_bpb:{_lv[1]:.4f}")\n'))),
+    # ... its own loader again, shuffled and unmasked as r0427_shuffled_nodoc, but each micro-batch's 4 windows
+    # drawn independently (a random start each, with replacement), not one contiguous 1,025-token span: splits
+    # r0427_seqloader's gain into the windows' independence (this) and sampling without replacement (the rest)
+    "r0427_randwindows": dataclasses.replace(SCRIPTS["r0427"], patches=((
+        "        self.cursor += global_span\n",
+        "        self.cursor = int(np.random.randint(0, max(1, self.shard_size - 2 * global_span)))\n"), (
+        "        starts = self._local_doc_starts(local_start, inputs.numel())\n", "        starts = []\n"), (
+        "        inputs.copy_(buf[:-1])\n        targets.copy_(buf[1:])\n",
+        "        _s = np.random.randint(0, self.shard_size - max_seq_len - 1, size=inputs.numel() // max_seq_len)\n"
+        "        _w = torch.stack([self.tokens[int(s):int(s) + max_seq_len + 1].to(torch.int64) for s in _s])\n"
+        "        inputs.copy_(_w[:, :-1].reshape(-1))\n"
+        "        targets.copy_(_w[:, 1:].reshape(-1))\n"))),
 }
 STANDINS = (*OURS, *VARIANTS)
 
@@ -351,6 +383,7 @@ def ours_env(name: str, proxy: Proxy, seed: int, data: Path, steps: int, work: P
             "NUM_CRAWLER_LAYERS": str(end - start + 1), "CRAWLER_POSITION": str(start),
             **{"PARALLEL_START": theirs[k] for k in ("PARALLEL_START_LAYER",) if k in theirs},
             "EVAL_STRIDE": theirs["EVAL_SEQ_LEN"],      # plain windows, as the twin's compared score
+            "TTT": "off",                               # the twins' ports run no test-time training
             "ACCUM_SPLITS": "1", "VAL_MAX_TOKENS": "0", "GPTQ_RESERVE_SECONDS": "0",
             "SIZE_TARGET": "none",                      # the record's fixed clips (QUANT_K 12.85, tables 20)
             "RUN_ID": f"{name}_s{seed}", "LOG_DIR": str(work / "logs"), "ARTIFACT_DIR": str(work / "artifacts")}
