@@ -380,7 +380,7 @@ REMOVED_KNOBS = {k: (off, f"its arm was deleted: experiments/LOG.md, {why}") for
                  _REMOVED.items() for k, off in (kv.split("=") for kv in knobs.split())}
 # Set by platforms (schedulers, Kubernetes' downward API) with one of our prefixes: never knobs. (torchrun's
 # RANK, WORLD_SIZE, MASTER_ADDR ... look like none of ours: tests/test_hparams.py passes them.)
-FOREIGN_VARS = {"NUM_GPUS", "NUM_WORKERS", "NUM_NODES"}
+FOREIGN_VARS = set("NUM_GPUS NUM_WORKERS NUM_NODES".split())
 # Prefixes too generic to claim: an unrelated variable may start with them.
 _GENERIC = set("RUN DATA LOG MODEL MAX VAL TRAIN SEED COMPILE ITERATIONS SIZE RECORDS ARTIFACT SUBMIT EMBED "
                "BYTE COMPRESS COMPRESSOR QUANT EVAL POD".split())
@@ -2122,68 +2122,73 @@ def documents(tokens: Tensor) -> list[tuple[int, int]]:
     cuts = sorted({0, *(tokens[:-1] == BOS_ID).nonzero()[:, 0].tolist(), tokens.numel() - 1})
     return list(zip(cuts, cuts[1:]))
 
-LORA_ALPHA = 144.0   # a LoRA's output is scaled by LORA_ALPHA / rank (the records')
-
 class LoRA:
-    """Low-rank adapters of one module for a batch of documents: out += x @ A @ B * LORA_ALPHA / r. A [docs,
-    in, r] is one seeded draw for all documents, B [docs, r, out] zero: each starts from the model itself.
-    With slots > 1 (TTT_LORA_PER_LOOP, a crawler block) the calls of one forward pass cycle through them."""
+    """Low-rank adapters of one module for up to `docs` documents: out += x @ A @ B * 144 / r (the records'),
+    row d of the batch by document d's A [in, r] and B [r, out]. reset(): A one seeded draw for all documents,
+    B zero, so each starts from the model itself; off (`on` False) until then. With slots > 1
+    (TTT_LORA_PER_LOOP, a crawler block) the calls of one forward pass (`calls` from 0) cycle through them."""
     def __init__(self, docs: int, fan_in: int, fan_out: int, rank: int, gen: torch.Generator, slots: int,
                  device: torch.device):
-        a = (torch.rand(slots, fan_in, rank, generator=gen) * 2 - 1) * fan_in ** -0.5
-        self.A = [t.expand(docs, -1, -1).contiguous().to(device).requires_grad_() for t in a]
-        self.B = [torch.zeros(docs, rank, fan_out, device=device, requires_grad=True) for _ in range(slots)]
-        self.scale, self.calls = LORA_ALPHA / rank, 0
+        self.A0 = ((torch.rand(slots, 1, fan_in, rank, generator=gen) * 2 - 1) * fan_in ** -0.5).to(device)
+        self.A = [torch.empty(docs, fan_in, rank, device=device, requires_grad=True) for _ in range(slots)]
+        self.B = [torch.empty(docs, rank, fan_out, device=device, requires_grad=True) for _ in range(slots)]
+        self.scale, self.calls, self.on = 144 / rank, 0, False
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for a, b, a0 in zip(self.A, self.B, self.A0):
+            a.copy_(a0.expand_as(a)), b.zero_()
+        self.on = True
 
     def __call__(self, x: Tensor) -> Tensor:
-        i, self.calls = self.calls % len(self.A), self.calls + 1
-        return (x @ self.A[i].to(x.dtype)) @ self.B[i].to(x.dtype) * self.scale
+        i, self.calls, n = self.calls % len(self.A), self.calls + 1, x.size(0)
+        return (x @ self.A[i][:n].to(x.dtype)) @ self.B[i][:n].to(x.dtype) * self.scale
 
     def hook(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        return out + self(args[0]).to(out.dtype)
+        return out + self(args[0]).to(out.dtype) if self.on else out
 
 def attach_lora(model: CrawlerGPT, docs: int, hp: Hyperparameters, device: torch.device) -> tuple:
-    """(the head's LoRA, every adapter tensor, the hooks) for a batch of documents: LoRAs on each block's q,
-    k, v, on its attention output and its MLP output (each from that module's normed input, as the records')
-    and on the tied head."""
+    """(the adapters, the hooks) for batches of up to `docs` documents: LoRAs on the tied head (first), and on
+    each block's q, k, v, on its attention output and its MLP output (each from that module's normed input, as
+    the records')."""
     gen, mh, dim = torch.Generator().manual_seed(hp.seed), model.hp, model.hp.model_dim
-    head = LoRA(docs, dim, mh.vocab_size, hp.ttt_lora_rank, gen, 1, device)
-    adapters, hooks = [head], []
+    adapters, hooks = [LoRA(docs, dim, mh.vocab_size, hp.ttt_lora_rank, gen, 1, device)], []
     for b, block in enumerate(model.blocks):
         slots = mh.crawler_loops if hp.ttt_lora_per_loop and b >= mh.num_flat_layers else 1
         for m in (block.attn.q, block.attn.k, block.attn.v, block.attn, block.mlp):
             fan_out = getattr(m, "out_features", dim)
             adapters.append(LoRA(docs, dim, fan_out, hp.ttt_lora_rank, gen, slots, device))
             hooks.append(m.register_forward_hook(adapters[-1].hook))
-    return head, [t for a in adapters for t in (*a.A, *a.B)], hooks
+    return adapters, hooks
 
-def lora_batch(model: CrawlerGPT, tokens: Tensor, tb: Tensor, batch: list[tuple[int, int]], seq_len: int,
-               hp: Hyperparameters, device: torch.device) -> Tensor:
+def lora_batch(forward: Callable, adapters: list[LoRA], tokens: Tensor, tb: Tensor,
+               batch: list[tuple[int, int]], seq_len: int, hp: Hyperparameters, device: torch.device
+               ) -> Tensor:
     """(nll, bytes, tokens) of a batch of documents, TTT_LORA_CHUNK targets of each at a time: scored in a
     window of at most seq_len of the document's own tokens, then its LoRA takes an AdamW step on their mean
     loss."""
-    head, params, hooks = attach_lora(model, len(batch), hp, device)
+    for a in adapters:
+        a.reset()
+    params = [t for a in adapters for t in (*a.A, *a.B)]
     opt = torch.optim.AdamW(params, hp.ttt_lora_lr, (0.0, 0.999), 1e-10, hp.ttt_lora_wd)
     sums, size = torch.zeros(3, dtype=torch.float64, device=device), hp.ttt_lora_chunk
     firsts, ends = (torch.tensor(v)[:, None] for v in zip(*batch))
-    try:
-        for c in range(-(-int((ends - firsts).max()) // size)):
-            lo, hi = firsts + c * size, torch.minimum(ends, firsts + (c + 1) * size)   # this chunk's targets
-            start = torch.maximum(firsts, hi - seq_len)                     # each row's window of targets
-            idx = start + torch.arange(int((hi - start).max()))
-            x, y = (tokens[idx.clamp(max=tokens.numel() - 2) + k].to(device, torch.int64) for k in (0, 1))
-            scored = (idx >= lo) & (idx < hi)
-            with autocast(device):
-                nll = model(x, y, per_token=True, head=head)
-            add_scores(sums, nll.detach(), torch.where(scored, idx, -1).to(device), tb)
-            train = (scored & (hi < ends)).to(device)                       # documents with targets to come
-            if train.any():
-                opt.zero_grad(set_to_none=True)
-                ((nll * train).sum(1) / train.sum(1).clamp_min(1)).sum().backward()
-                opt.step()
-    finally:
-        for h in hooks:
-            h.remove()
+    for c in range(-(-int((ends - firsts).max()) // size)):
+        lo, hi = firsts + c * size, torch.minimum(ends, firsts + (c + 1) * size)   # this chunk's targets
+        start = torch.maximum(firsts, hi - seq_len)                     # each row's window of targets
+        idx = start + torch.arange(int((hi - start).max()))
+        x, y = (tokens[idx.clamp(max=tokens.numel() - 2) + k].to(device, torch.int64) for k in (0, 1))
+        scored = (idx >= lo) & (idx < hi)
+        for a in adapters:   # every forward pass starts at slot 0 (and a compiled one sees the same state)
+            a.calls = 0
+        with autocast(device):
+            nll = forward(x, y, per_token=True, head=adapters[0])
+        add_scores(sums, nll.detach(), torch.where(scored, idx, -1).to(device), tb)
+        train = (scored & (hi < ends)).to(device)                       # documents with targets to come
+        if train.any():
+            opt.zero_grad(set_to_none=True)
+            ((nll * train).sum(1) / train.sum(1).clamp_min(1)).sum().backward()
+            opt.step()
     return sums
 
 def lora_ttt(model: nn.Module, tokens: Tensor, tb: Tensor, seq_len: int, hp: Hyperparameters, dinfo: DistInfo,
@@ -2193,22 +2198,31 @@ def lora_ttt(model: nn.Module, tokens: Tensor, tb: Tensor, seq_len: int, hp: Hyp
     adapters, the score does not depend on the batching or the number of ranks. lora+phased: the first
     TTT_PHASE_DOCS documents are scored in TTT_PHASES segments, and after each one all ranks train the model
     itself by SGD on every target scored so far (all documents before the boundary: a prefix of the stream),
-    then go on."""
+    then go on. With COMPILE on, the LoRA pass is compiled once, its shapes dynamic."""
     raw, docs = getattr(model, "_orig_mod", model), documents(tokens)   # the module: hooks on its blocks
     n = min(hp.ttt_phase_docs, len(docs)) if hp.ttt == "lora+phased" else 0
     phases = sorted({n * k // hp.ttt_phases for k in range(1, hp.ttt_phases + 1)} - {0, len(docs)})
     sums, t0 = torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
-    for a, b in zip([0, *phases], [*phases, len(docs)]):
-        raw.requires_grad_(False)
-        mine = sorted(docs[a:b][dinfo.rank::dinfo.world_size], key=lambda d: d[1] - d[0])
-        for i in range(0, len(mine), hp.ttt_lora_docs):
-            sums += lora_batch(raw, tokens, tb, mine[i:i + hp.ttt_lora_docs], seq_len, hp, device)
-            batches = -(-len(mine) // hp.ttt_lora_docs)
-            progress(log, f"ttt_docs_{a}_{b}", i // hp.ttt_lora_docs + 1, batches, sums, t0)
-        if b < len(docs):   # a phase: one epoch of SGD over the targets scored so far, [0, docs[b - 1] end)
-            sgd_ttt(raw, tokens, docs[b - 1][1], seq_len, hp.ttt_phase_lr, 1, hp, dinfo, device)
-            if log:
-                log.kv(ttt_phase_docs=b, trained_to=docs[b - 1][1], seconds=f"{time.perf_counter() - t0:.0f}")
+    adapters, hooks = attach_lora(raw, hp.ttt_lora_docs, hp, device)
+    forward = torch.compile(raw, backend=hp.compile_backend, dynamic=True) if hp.use_compile(device) else raw
+    try:
+        for a, b in zip([0, *phases], [*phases, len(docs)]):
+            raw.requires_grad_(False)
+            mine = sorted(docs[a:b][dinfo.rank::dinfo.world_size], key=lambda d: d[1] - d[0])
+            batches = [mine[i:i + hp.ttt_lora_docs] for i in range(0, len(mine), hp.ttt_lora_docs)]
+            for i, batch in enumerate(batches, 1):
+                sums += lora_batch(forward, adapters, tokens, tb, batch, seq_len, hp, device)
+                progress(log, "ttt_batches", i, len(batches), sums, t0)
+            if b < len(docs):   # a phase: an epoch of SGD on the targets scored so far, [0, docs[b - 1] end)
+                end = docs[b - 1][1]
+                for adapter in adapters:   # the model itself trains, not the last batch's adapters
+                    adapter.on = False
+                sgd_ttt(raw, tokens, end, seq_len, hp.ttt_phase_lr, 1, hp, dinfo, device)
+                if log:
+                    log.kv(ttt_phase_docs=b, trained_to=end, seconds=f"{time.perf_counter() - t0:.0f}")
+    finally:
+        for h in hooks:
+            h.remove()
     raw.requires_grad_(True).eval()
     return sums
 
@@ -2337,8 +2351,7 @@ def check_room(hp: Hyperparameters, dinfo: DistInfo) -> None:
         need = sum(needs[v] for v, f in folders.items() if f.stat().st_dev == folder.stat().st_dev)
         free = shutil.disk_usage(folder).free
         require(free >= need, var, f"{folder} has {free:,} bytes free; the run needs {need:,} on that disk "
-                "(the artifact up to SIZE_LIMIT, its records copy, the logs, with CHECKPOINT_EVERY a "
-                "checkpoint a rank) — free space or point it elsewhere", DataError)
+                "(artifact, records copy, logs, checkpoints) — free space or point it elsewhere", DataError)
 
 def preflight(hp: Hyperparameters, dinfo: DistInfo, device: torch.device, run_id: str = "") -> RunData:
     """Everything that can fail, checked before the first step. EVAL_ONLY needs only val shards, tokenizer."""

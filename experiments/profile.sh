@@ -93,8 +93,7 @@ case "$PROFILE" in
   record_0405|record_0427)
     # A published record through our knobs, at pod sizes (set the size knobs yourself to run it smaller), on its
     # tokenizer (VARIANT: run.sh fetches FineWeb so on a pod, builds the local corpus so without CUDA) and with its
-    # quantizer, inside our fit to the cap. Still ours in both: the fit (not fixed clips), no test-time training
-    # of theirs yet (issue 24).
+    # quantizer, inside our fit to the cap. Still ours in both: the fit (not fixed clips).
     if [ "$PROFILE" = record_0405 ]; then
       # The 2026-04-05 record (1.0856 on 8xH100; records/track_10min_16mb/2026-04-05_SP8192_GPTQ-Embeddings_SDClip_
       # Loop45x2, its train_seed1337.log): blocks 4-5 run 3 times once half the training time has passed.
@@ -118,6 +117,10 @@ case "$PROFILE" in
       export GPTQ_RESERVE_SECONDS="${GPTQ_RESERVE_SECONDS:-0.5}" EMA_DECAY="${EMA_DECAY:-0.9965}"
       export VARIANT="${VARIANT:-caseops}" EMBED_QUANT="${EMBED_QUANT:-int7}" LQER_RANK="${LQER_RANK:-4}"
       export QUANT_ROLES="${QUANT_ROLES-attn:13,mlp:11.5,embed:14}" LQER_TOP="${LQER_TOP:-3}"
+      # Its evaluation: per-document LoRA TTT (rank 96, 48-token chunks) with 3 phases of global SGD, and no
+      # sliding pass. Its phases' prefix is its 2,500 longest documents, ~20% of the val tokens; ours is the first
+      # TTT_PHASE_DOCS in stream order, so 9,900 (of 50,000) train on as many tokens.
+      export TTT="${TTT:-lora+phased}" TTT_PHASE_DOCS="${TTT_PHASE_DOCS:-9900}" EVAL_STRIDE="${EVAL_STRIDE:-2048}"
     fi
     # Both: 11 unique 512-wide blocks, the crawler 3 times; sigmoid-gated U-Net skips over the block calls, LN scale
     # by unique position, no loop embedding, no n-gram or value embeddings, XSA everywhere; MuonEq-R; the

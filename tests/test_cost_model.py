@@ -97,3 +97,17 @@ def test_dry_run_warns_when_the_evaluation_exceeds_its_budget():
     cm.dry_run(tg.Hyperparameters.from_env({"TTT": "sgd", "TTT_EPOCHS": "10", "SIZE_TARGET": "none"}),
                log=printed.append)
     assert any(line.startswith("warning: the evaluation is projected") for line in printed)
+
+
+@pytest.mark.parametrize("profile, extra, val_tokens, measured", [
+    # 2026-04-27: LoRA + 3 phases; its phases' prefix (the 2,500 longest documents: 639 chunks of 32,768 tokens
+    # over the three) is ~20% of its 47,851,520 CaseOps val tokens, i.e. 9,900 documents of average length
+    ("record_0427", {"TTT": "lora+phased", "TTT_PHASE_DOCS": "9900"}, 47_851_520, 508.8),
+    # 2026-04-10 (out of sample): LoRA only, 40,540,160 sp8192 tokens; blocks 3-5 looped 3 times, lanes from 8
+    ("record_0405", {"TTT": "lora", "VOCAB_SIZE": "8192", "NUM_FLAT_LAYERS": "8", "NUM_CRAWLER_LAYERS": "3",
+                     "CRAWLER_POSITION": "3", "CRAWLER_LOOPS": "3", "PARALLEL_START": "8"}, 40_540_160, 338.2)])
+def test_lora_ttt_seconds_match_the_records_logs(profile, extra, val_tokens, measured):
+    """ttt_seconds of TTT=lora(+phased) at the records' configs, against the eval_time their logs print."""
+    from test_loop_records import profile_env
+    hp = tg.Hyperparameters.from_env({**profile_env(profile), **extra})
+    assert cm.ttt_seconds(hp, val_tokens, 0.0, 8) == pytest.approx(measured, rel=0.10)

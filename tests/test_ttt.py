@@ -235,6 +235,14 @@ def test_lora_never_sees_a_token_before_scoring_it(monkeypatch, mode, cut):
     assert lora_leaks(monkeypatch, cut, lora_hp(mode)) == []
 
 
+@pytest.mark.parametrize("mode", ["lora", "lora+phased"])
+def test_lora_score_does_not_depend_on_the_batching(mode):
+    """Documents in batches of 3 or 2 (as ranks would split them): the same score; the phases train the model
+    itself, never with the last batch's adapters on."""
+    tokens = doc_stream()
+    assert run(tokens, lora_hp(mode, TTT_LORA_DOCS=2)) == pytest.approx(run(tokens, lora_hp(mode)), rel=1e-6)
+
+
 def test_lora_documents_do_not_see_each_other(monkeypatch):
     """Each document starts from the same adapters: changing one document (the 4th) moves no other one's
     distributions, even those scored after it."""
@@ -246,17 +254,15 @@ def test_lora_documents_do_not_see_each_other(monkeypatch):
 
 
 def carry_lora(monkeypatch):
-    """Planted: each batch's adapters start where the previous batch's first document left them."""
-    real, prev = tg.attach_lora, []
+    """Planted: the adapters reset for the first batch of documents only; later batches start where the
+    previous one left them."""
+    real, done = tg.LoRA.reset, set()
 
-    def attach(model, docs, hp, device):
-        head, params, hooks = real(model, docs, hp, device)
-        with torch.no_grad():
-            for p, q in zip(params, prev):
-                p.copy_(q[:1].expand_as(p))
-        prev[:] = params
-        return head, params, hooks
-    monkeypatch.setattr(tg, "attach_lora", attach)
+    def reset(self):
+        if id(self) not in done:
+            done.add(id(self))
+            real(self)
+    monkeypatch.setattr(tg.LoRA, "reset", reset)
 
 
 def train_before_scoring(monkeypatch):
@@ -294,11 +300,28 @@ def test_the_probe_catches_planted_lora_leaks(monkeypatch, plant, mode, cut):
 def test_lora_per_loop_gives_the_crawler_one_adapter_a_loop():
     """TTT_LORA_PER_LOOP: the crawler block's five adapters get a slot per loop; the flat blocks' stay one."""
     model, one, per = make_model(), lora_hp(), lora_hp(TTT_LORA_PER_LOOP=1)
-    _, shared, hooks = tg.attach_lora(model, 2, one, CPU)
-    [h.remove() for h in hooks]
-    _, looped, hooks = tg.attach_lora(model, 2, per, CPU)
-    [h.remove() for h in hooks]
+    counts = []
+    for hp in (one, per):
+        adapters, hooks = tg.attach_lora(model, 2, hp, CPU)
+        [h.remove() for h in hooks]
+        counts.append(sum(len(a.A) + len(a.B) for a in adapters))
     loops = model.hp.crawler_loops * model.hp.num_crawler_layers
-    assert len(looped) - len(shared) == 2 * 5 * (loops - model.hp.num_crawler_layers)
+    assert counts[1] - counts[0] == 2 * 5 * (loops - model.hp.num_crawler_layers)
     tokens = doc_stream()
     assert run(tokens, per) != pytest.approx(run(tokens, one), rel=1e-9)
+
+
+def test_compiled_lora_pass_scores_as_the_eager_one(mode="lora+phased"):
+    """With COMPILE on (aot_eager here: the graph the pod's inductor would compile), the LoRA pass runs
+    compiled with dynamic shapes (windows widen, the last batch is smaller), every batch reusing the same
+    adapters and hooks, within the recompile budget; its score is the eager one's."""
+    import torch._dynamo
+    tokens = doc_stream()
+    eager = run(tokens, lora_hp(mode, TTT_LORA_PER_LOOP=1))
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit = 8, True
+    try:
+        compiled = run(tokens, lora_hp(mode, TTT_LORA_PER_LOOP=1, COMPILE=1, COMPILE_BACKEND="aot_eager"))
+    finally:
+        torch._dynamo.reset()
+    assert compiled == pytest.approx(eager, rel=1e-5)
