@@ -29,35 +29,66 @@ gpus=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_
 # VARIANT (a record profile sets it): the tokenizer and its data, sp1024 (default), sp4096, sp8192 or caseops
 variant="${VARIANT:-sp1024}"
 unset VARIANT
-if [ "$gpus" -gt 0 ]; then
-  paths=$("$PY" -c "from data.cached_challenge_fineweb import VARIANTS as V; print(*V['$variant'][1:])")
-  read -r folder tokenizer <<< "$paths"
-  export DATA_PATH="${DATA_PATH:-data/datasets/$folder}" TOKENIZER_PATH="${TOKENIZER_PATH:-data/tokenizers/$tokenizer.model}"
-  echo "run.sh: $gpus CUDA device(s): the config under torchrun on FineWeb $variant ($DATA_PATH)"
-  if ! ls "$DATA_PATH"/fineweb_val_[0-9]*.bin >/dev/null 2>&1; then
-    VARIANT="$variant" bash setup_pod.sh
+# SEEDS=a,b,c: the same config once per seed, one after another, then one records folder with their mean,
+# std and (COMPARE_TO=<records folder or JSON>) the upstream rule's significance test (experiments/records.py).
+# Both are checked here, before any training: a typo must not cost a pod run.
+seeds="${SEEDS:-}" compare="${COMPARE_TO:-}"
+unset SEEDS COMPARE_TO
+if [ -n "$seeds" ]; then
+  if ! [[ "$seeds" =~ ^[0-9]+(,[0-9]+)+$ ]] || [ -n "$(tr , '\n' <<< "$seeds" | sort | uniq -d)" ]; then
+    echo "run.sh: error: SEEDS=$seeds: give two or more distinct integer seeds, comma-separated (e.g. 42,0,1234)" >&2
+    exit 2
+  elif [ -n "${SEED:-}" ]; then
+    echo "run.sh: error: SEED=$SEED and SEEDS=$seeds: set one of them" >&2
+    exit 2
   fi
-  torchrun --standalone --nproc_per_node="$gpus" train_gpt.py
-elif [ "$rehearsal" = 1 ]; then
-  if ! ls data/datasets/fineweb10B_sp1024/fineweb_val_*.bin >/dev/null 2>&1; then
-    "$PY" data/prepare_local.py >/dev/null
-    export DATA_PATH=${DATA_PATH:-data/datasets/local_sp1024} TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/local_1024_bpe.model}
-  fi
-  echo "run.sh: REHEARSAL without CUDA: the production config, 2 steps, on ${DATA_PATH:-FineWeb}"
-  PROFILE=rehearsal
-  . experiments/profile.sh
-  exec "$PY" experiments/rehearsal.py
-elif [[ "${PROFILE:-}" == record_* ]]; then   # the demo corpus at the record's tokenizer (CaseOps too)
-  vocab="${VOCAB_SIZE:-1024}" name=local caseops=""
-  [ "$variant" = caseops ] && name=local_caseops caseops=--caseops
-  "$PY" data/prepare_local.py --vocab-size "$vocab" $caseops >/dev/null
-  export DATA_PATH=${DATA_PATH:-data/datasets/${name}_sp$vocab} TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/${name}_${vocab}_bpe.model}
-  echo "run.sh: no CUDA device: PROFILE=$PROFILE at MODEL_DIM=$MODEL_DIM on $DATA_PATH (set the size knobs to scale it)"
-  "$PY" train_gpt.py
-else
-  echo "run.sh: no CUDA device: running the CPU demo profile on the shipped demo corpus (experiments/profile.sh)"
-  PROFILE=demo
-  . experiments/profile.sh
-  "$PY" train_gpt.py
 fi
-"$PY" experiments/records.py "${LOG_DIR:-logs}/$RUN_ID.json"
+[ -z "$compare" ] || "$PY" experiments/records.py --check-baseline "$compare" || exit 2
+
+train() {
+  if [ "$gpus" -gt 0 ]; then
+    paths=$("$PY" -c "from data.cached_challenge_fineweb import VARIANTS as V; print(*V['$variant'][1:])")
+    read -r folder tokenizer <<< "$paths"
+    export DATA_PATH="${DATA_PATH:-data/datasets/$folder}" TOKENIZER_PATH="${TOKENIZER_PATH:-data/tokenizers/$tokenizer.model}"
+    echo "run.sh: $gpus CUDA device(s): the config under torchrun on FineWeb $variant ($DATA_PATH)"
+    if ! ls "$DATA_PATH"/fineweb_val_[0-9]*.bin >/dev/null 2>&1; then
+      VARIANT="$variant" bash setup_pod.sh
+    fi
+    torchrun --standalone --nproc_per_node="$gpus" train_gpt.py
+  elif [ "$rehearsal" = 1 ]; then
+    if ! ls data/datasets/fineweb10B_sp1024/fineweb_val_*.bin >/dev/null 2>&1; then
+      "$PY" data/prepare_local.py >/dev/null
+      export DATA_PATH=${DATA_PATH:-data/datasets/local_sp1024} TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/local_1024_bpe.model}
+    fi
+    echo "run.sh: REHEARSAL without CUDA: the production config, 2 steps, on ${DATA_PATH:-FineWeb}"
+    PROFILE=rehearsal
+    . experiments/profile.sh
+    exec "$PY" experiments/rehearsal.py
+  elif [[ "${PROFILE:-}" == record_* ]]; then   # the demo corpus at the record's tokenizer (CaseOps too)
+    vocab="${VOCAB_SIZE:-1024}" name=local caseops=""
+    [ "$variant" = caseops ] && name=local_caseops caseops=--caseops
+    "$PY" data/prepare_local.py --vocab-size "$vocab" $caseops >/dev/null
+    export DATA_PATH=${DATA_PATH:-data/datasets/${name}_sp$vocab} TOKENIZER_PATH=${TOKENIZER_PATH:-data/tokenizers/${name}_${vocab}_bpe.model}
+    echo "run.sh: no CUDA device: PROFILE=$PROFILE at MODEL_DIM=$MODEL_DIM on $DATA_PATH (set the size knobs to scale it)"
+    "$PY" train_gpt.py
+  else
+    echo "run.sh: no CUDA device: running the CPU demo profile on the shipped demo corpus (experiments/profile.sh)"
+    PROFILE=demo
+    . experiments/profile.sh
+    "$PY" train_gpt.py
+  fi
+}
+
+if [ -z "$seeds" ]; then
+  train
+  "$PY" experiments/records.py "${LOG_DIR:-logs}/$RUN_ID.json" ${compare:+--compare-to "$compare"}
+else
+  base=$RUN_ID results=()
+  for seed in ${seeds//,/ }; do
+    export SEED=$seed RUN_ID="${base}_seed$seed"
+    echo "run.sh: SEEDS: seed $seed (RUN_ID=$RUN_ID)"
+    train
+    results+=("${LOG_DIR:-logs}/$RUN_ID.json")
+  done
+  "$PY" experiments/records.py "${results[@]}" --name "$base" ${compare:+--compare-to "$compare"}
+fi

@@ -26,6 +26,7 @@ home=$(cd "$(dirname "$0")/.." && pwd)
 args="$*"
 echo "$0 ${args//$'\n'/ }" >>"$FAKE_LOG"
 [[ -n "$FAKE_ENV_LOG" && "$1" == *.py ]] && env >"$FAKE_ENV_LOG"   # what a script would see
+[[ -n "$FAKE_SEED_LOG" && "$1" == *.py ]] && echo "$* SEED=${SEED:-} RUN_ID=${RUN_ID:-}" >>"$FAKE_SEED_LOG"
 if [ "$1" = -c ]; then
   [ -n "$2" ] || exit 0                       # "does it run at all"
   if [ -e "$home/old" ]; then echo "old 3.8.10"; exit 1; fi
@@ -413,6 +414,28 @@ def test_run_sh_applies_a_record_profile_to_dry_run_and_to_a_cpu_run(box, tmp_pa
             assert res.returncode == 0 and caseops["DATA_PATH"] == "data/datasets/local_caseops_sp8192", res.stderr
             assert caseops["LQER_RANK"] == "4" and caseops["EMBED_QUANT"] == "int7"
             assert any("prepare_local.py" in c and "--caseops" in c for c in res.calls), res.calls
+
+
+def test_run_sh_seeds_train_each_seed_then_write_one_folder(box, tmp_path):
+    """SEEDS=a,b,c: train_gpt.py once per seed (SEED and its own RUN_ID), then records.py once over all the runs;
+    COMPARE_TO is read before any training; a bad SEEDS stops before training with one line."""
+    (box.repo / "experiments").mkdir()
+    shutil.copy(ROOT / "experiments" / "profile.sh", box.repo / "experiments" / "profile.sh")
+    seen = tmp_path / "seeds.txt"
+    res = box.run(["bash", "run.sh"], SEEDS="42,0,1234", RUN_ID="sub", COMPARE_TO="records/old", FAKE_SEED_LOG=str(seen))
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in seen.read_text().splitlines() if "prepare_local" not in line]   # the demo's data
+    scripts = [line.split(" SEED=")[0] for line in lines]
+    assert scripts == ["experiments/records.py --check-baseline records/old"] + ["train_gpt.py"] * 3 + [
+        "experiments/records.py logs/sub_seed42.json logs/sub_seed0.json logs/sub_seed1234.json --name sub "
+        "--compare-to records/old"]
+    runs = [line.split(" ", 1)[1] for line in lines[1:4]]
+    assert runs == ["SEED=42 RUN_ID=sub_seed42", "SEED=0 RUN_ID=sub_seed0", "SEED=1234 RUN_ID=sub_seed1234"]
+    for bad in ({"SEEDS": "42"}, {"SEEDS": "42,x"}, {"SEEDS": "1,2,1"}, {"SEEDS": "1,2", "SEED": "3"}):
+        seen.write_text("")
+        res = box.run(["bash", "run.sh"], FAKE_SEED_LOG=str(seen), **bad)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and "SEED" in res.stderr, (bad, res.stderr)
+        assert seen.read_text() == ""   # nothing ran
 
 
 def _lock_entries(text):

@@ -339,3 +339,45 @@ def test_progressive_recurrence_schedule(local_corpus, tmp_path):
         tg.main(tiny_env(local_corpus, tmp_path, ITERATIONS=10, VAL_LOSS_EVERY=0, QUANT="rtn",
                          CRAWLER_LOOPS_SCHEDULE="0:1,0.5:2", RUN_ID="progressive"))
     assert seen[:10] == [1] * 5 + [2] * 5   # steps, not time: no wallclock cap here
+
+
+def test_three_seeds_make_one_folder_with_the_rules_significance_test(local_corpus, tmp_path):
+    """SEEDS=a,b,c's folder from three tiny runs: per-seed logs and artifacts, the mean and sample std of the
+    records, and the one-sided Welch test of the upstream rule against an earlier result."""
+    env = tiny_env(local_corpus, tmp_path, ITERATIONS=4, VAL_LOSS_EVERY=0, QUANT="rtn", EVAL_STRIDE=128)
+    runs = [tg.main({**env, "SEED": str(seed), "RUN_ID": f"sub_seed{seed}"}) for seed in (1, 2, 3)]
+    results = [tmp_path / "logs" / f"sub_seed{seed}.json" for seed in (1, 2, 3)]
+    loss, bpb = [r["val_loss"] for r in runs], [r["val_bpb"] for r in runs]
+    assert len(set(bpb)) == 3   # the seeds differ
+    worse = tmp_path / "worse.json"   # an upstream-shaped earlier record, 0.05 bpb worse on every seed
+    worse.write_text(json.dumps({"name": "old", "seed_results": {str(i): {"val_bpb": b + 0.05 + 0.001 * i}
+                                                                 for i, b in enumerate(bpb)}}))
+    folder = records.write_records(*results, name="sub", compare_to=worse)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["README.md", "submission.json", "train_gpt.py"] + [f"train_seed{s}.log" for s in (1, 2, 3)]
+        + [f"final_model_seed{s}.ptz" for s in (1, 2, 3)])
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["seeds"] == [1, 2, 3] and sub["val_bpb"] == pytest.approx(sum(bpb) / 3)
+    mean = sum(loss) / 3
+    assert sub["val_loss_std"] == pytest.approx((sum((x - mean) ** 2 for x in loss) / 2) ** 0.5)   # ddof 1
+    assert sub["bytes_total"] == max(r["bytes_total"] for r in runs)
+    for seed, run in zip((1, 2, 3), runs):
+        assert sub["seed_results"][str(seed)]["val_bpb"] == run["val_bpb"]
+        assert (folder / f"final_model_seed{seed}.ptz").read_bytes() == Path(run["artifact"]).read_bytes()
+    sig = sub["significance"]
+    ratio = sum(loss) / sum(bpb)   # the baseline's bpb in our nats
+    assert sig["delta_nats"] == pytest.approx(-(0.05 + 0.001) * ratio) and sig["passed"] and sig["p"] < 0.01
+    assert "**passed**" in (folder / "README.md").read_text()
+    (tmp_path / "records").rename(tmp_path / "records_first")
+    same = tmp_path / "same.json"   # no better than itself: the margin fails, whatever p says
+    same.write_text(json.dumps({"val_bpb": sum(bpb) / 3, "val_bpb_std": 0.001, "seeds": [7, 8, 9]}))
+    sig = json.loads((records.write_records(*results, name="sub", compare_to=same) / "submission.json")
+                     .read_text())["significance"]
+    assert not sig["passed"] and sig["p"] > 0.5 and sig["test"].startswith("Welch t, from the baseline's mean")
+    with pytest.raises(tg.DataError, match="repeat a seed"):
+        records.write_records(results[0], results[0], name="again")
+    other = json.loads(results[2].read_text())
+    other["hp"].update(SEED=4, MATRIX_LR=0.01, ITERATIONS=2)   # another config at another seed
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(tg.DataError, match="differs from .* in ITERATIONS, MATRIX_LR"):
+        records.write_records(results[0], tmp_path / "other.json", name="mix")

@@ -621,3 +621,50 @@ def test_experiment_validates(exp, profile, tmp_path):
             {("fit", arms["control"]["env"]["SIZE_LIMIT"])} and int(arms["control"]["env"]["SIZE_LIMIT"]) < 16_000_000
         assert arms["control"]["env"]["NUM_CRAWLER_LAYERS"] == "0"
         assert len({a["effective_depth"] for a in arms.values()}) >= 3
+
+
+def test_significance_is_the_rules_one_sided_welch_test_by_hand(tmp_path):
+    """records.significance against Welch's t and Satterthwaite's df written out, in nats; and every upstream
+    shape of an earlier result that baseline() reads."""
+    from experiments import records
+    ours_bpb = [1.0500, 1.0505, 1.0498]
+    ratio = 2.19   # nats per bpb unit of "our" tokenizer: val_loss = ratio x val_bpb, as in a real run
+    ours = [b * ratio for b in ours_bpb]
+    base_bpb = [1.0611, 1.0625, 1.0599]
+    path = tmp_path / "sub.json"
+    path.write_text(json.dumps({"name": "rec", "seed_results": {s: {"val_bpb": b, "val_loss": 9.9}
+                                                                for s, b in zip("abc", base_bpb)}}))
+    sig = records.significance(ours, ours_bpb, records.baseline(path))
+    x, y = np.array(ours), np.array(base_bpb) * ratio - 0.005
+    vx, vy = x.var(ddof=1) / 3, y.var(ddof=1) / 3
+    t = (x.mean() - y.mean()) / math.sqrt(vx + vy)
+    df = (vx + vy) ** 2 / (vx ** 2 / 2 + vy ** 2 / 2)
+    from scipy.stats import t as student
+    assert sig["p"] == pytest.approx(student.cdf(t, df), rel=1e-9)
+    assert sig["delta_nats"] == pytest.approx(x.mean() - np.mean(base_bpb) * ratio)
+    assert sig["passed"] == (sig["delta_nats"] <= -0.005 and sig["p"] < 0.01)
+    assert sig["delta_nats"] < -0.02 and sig["passed"]   # ~0.024 nats better with a small spread
+    near = [np.mean(ours_bpb) + 0.0035 + d for d in (-0.002, 0, 0.002)]   # ~0.0077 nats worse, noisier
+    close = records.significance(ours, ours_bpb, records.baseline(path) | {"per_seed": near, "val_bpb": np.mean(near)})
+    assert close["delta_nats"] < -0.005 and not close["passed"]   # past the margin, but not at p < 0.01
+    shapes = {"seeds_mapping": {"seeds": {"0": {"val_bpb": 1.08}, "42": {"val_bpb": 1.09}}},
+              "seed_scores": {"seeds": [0, 1], "seed_scores": [1.08, 1.09]},
+              "mean_only": {"val_bpb": 1.085, "val_bpb_std": 0.007, "seeds": [0, 1, 2]},
+              "one_value": {"val_bpb": 1.085}}
+    for name, sub in shapes.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "submission.json").write_text(json.dumps(sub))
+        base = records.baseline(tmp_path / name)
+        assert base["val_bpb"] == pytest.approx(1.085) and base["name"] == name
+        assert base["n"] == {"mean_only": 3, "one_value": 1}.get(name, 2)
+    assert records.significance(ours, ours_bpb, records.baseline(tmp_path / "one_value"))["test"].startswith("one-sample")
+    (tmp_path / "bad.json").write_text(json.dumps({"name": "no score"}))
+    for bad in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(train_gpt.DataError, match="COMPARE_TO="):
+            records.baseline(bad)
+    ok = subprocess.run([sys.executable, "experiments/records.py", "--check-baseline", str(path)], cwd=ROOT,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "val_bpb 1.061167 over 3 seed(s)" in ok.stdout
+    bad = subprocess.run([sys.executable, "experiments/records.py", "--check-baseline", str(tmp_path / "x")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: COMPARE_TO=")
