@@ -137,7 +137,7 @@ def summary(runs: list[dict], base: dict | None) -> dict:
     return out
 
 
-def readme_seeds(sub: dict, hp: dict) -> str:
+def readme_seeds(sub: dict, hp: dict, name: str) -> str:
     rows = "\n".join(f"| {seed} | {r['val_bpb']:.6f} | {r['val_loss']:.6f} | {r['steps']} | {r['step_avg_ms']:.1f} | "
                      f"{r['eval_time_s']:.1f} | {r['artifact_bytes']} |" for seed, r in sub["seed_results"].items())
     sig = sub.get("significance")
@@ -146,7 +146,7 @@ def readme_seeds(sub: dict, hp: dict) -> str:
         f"({sig['baseline_seeds']} seed(s)); ours {sig['delta_bpb']:+.6f} bpb, {sig['delta_nats']:+.6f} nats. The "
         f"rule: at least {sig['margin_nats']} nats better at p < {sig['alpha']}. Test: {sig['test']}, one-sided, "
         f"p = {sig['p']:.3g}: **{'passed' if sig['passed'] else 'not passed'}**.\n")
-    return (f"# {hp['SUBMIT_NAME'] or sub['seed_results'][str(sub['seeds'][0])]['run_id']}\n\n{hp['SUBMIT_BLURB']}\n\n"
+    return (f"# {hp['SUBMIT_NAME'] or name}\n\n{hp['SUBMIT_BLURB']}\n\n"
             f"{len(sub['seeds'])} seed(s): val_bpb {sub['val_bpb']:.6f} (std {sub['val_bpb_std'] or 0:.6f}), val_loss "
             f"{sub['val_loss']:.6f} nats (std {sub['val_loss_std'] or 0:.6f}); largest artifact {sub['bytes_total']} bytes "
             f"of {hp['SIZE_LIMIT']}.\n\n| seed | val_bpb | val_loss | steps | ms/step | eval s | bytes |\n"
@@ -163,8 +163,8 @@ def write_records(*results: Path, name: str | None = None, compare_to: Path | No
     tg.require(not folder.exists(), str(folder), "exists already — move it aside first", tg.DataError)
     if len(runs) > 1 or base is not None:
         sub = summary(runs, base)
-        knobs = "## Knobs" + readme(run, hp).split("## Knobs", 1)[1]
-        files = [("README.md", f"{readme_seeds(sub, hp)}\n{knobs}".encode()), ("train_gpt.py", code),
+        knobs = "## Knobs" + readme(run, {k: v for k, v in hp.items() if k not in SEED_KNOBS}).split("## Knobs", 1)[1]
+        files = [("README.md", f"{readme_seeds(sub, hp, folder.name)}\n{knobs}".encode()), ("train_gpt.py", code),
                  ("submission.json", (json.dumps(sub, indent=2) + "\n").encode())]
         for r in runs:
             files += [(f"train_seed{r['hp']['SEED']}.log", Path(r["log"]).read_bytes()),
