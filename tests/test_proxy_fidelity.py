@@ -153,6 +153,11 @@ def test_parse_log_reads_both_log_styles():
     text2 = "50/200 val_loss: 4.5 val_bpb: 2.6\nquantized_sliding_window val_loss:3.9 val_bpb:2.30\n" \
             "quantized val_loss:3.95 val_bpb:2.31\n"
     assert port.parse_log(text2, "quantized")["final_bpb"] == 2.31
+    text3 = "200/200 train_loss: 2.9 train_time: 9.6m tok/s: 2835\n200/200 val_loss: 3.19 val_bpb: 1.80\n" \
+            "diagnostic pre-quantization post-ema val_loss:3.18 val_bpb:1.79\ndiagnostic quantized val_loss:3.2 val_bpb:1.81\n"
+    got = port.parse_log(text3, "diagnostic quantized")   # 2026-04-27's labels: the pre-quant score, train minutes
+    assert (got["final_bpb"], got["pre_quant_bpb"], got["train_seconds"]) == (1.81, 1.79, 576.0)
+    assert got["steps"] == 200 and port.parse_log(text, "x")["pre_quant_bpb"] is None
 
 
 def test_extrapolate_recovers_a_power_law():

@@ -432,18 +432,24 @@ def parse_log(text: str, final: str) -> dict:
     curve = [(int(m.group(1)), float(m.group(3))) for m in map(CURVE.match, text.splitlines()) if m]
     finals = re.findall(rf"^{re.escape(final)} val_loss:\s*([\d.]+) val_bpb:\s*([\d.]+)", text, re.M)
     steps = re.findall(r"stopping_early: wallclock_cap train_time:\s*\d+ms step:\s*(\d+)", text)
+    pre = re.findall(r"pre-quantization post-ema val_loss:\s*[\d.]+ val_bpb:\s*([\d.]+)", text)
+    minutes = re.findall(r"^\d+/\d+ train_loss:.* train_time:\s*([\d.]+)m\b", text, re.M)   # printed at 0.1 min
     return {"final_bpb": float(finals[-1][1]) if finals else None,
             "final_loss": float(finals[-1][0]) if finals else None,
-            "steps": int(steps[-1]) if steps else (curve[-1][0] if curve else None), "curve": curve}
+            "steps": int(steps[-1]) if steps else (curve[-1][0] if curve else None), "curve": curve,
+            "pre_quant_bpb": float(pre[-1]) if pre else None,
+            "train_seconds": 60 * float(minutes[-1]) if minutes else None}
 
 
 def parse_ours(path: Path) -> dict:
     """The same figures from our run's logs/<RUN_ID>.json (the final score is the reloaded artifact's)."""
     if not path.exists():
-        return {"final_bpb": None, "final_loss": None, "steps": None, "curve": []}
+        return {"final_bpb": None, "final_loss": None, "steps": None, "curve": [], "pre_quant_bpb": None,
+                "train_seconds": None}
     js = json.loads(path.read_text())
     return {"final_bpb": js["val_bpb"], "final_loss": js["val_loss"], "steps": js["steps"],
-            "curve": [(c["step"], c["val_bpb"]) for c in js["curve"]]}
+            "curve": [(c["step"], c["val_bpb"]) for c in js["curve"]], "pre_quant_bpb": js.get("pre_quant_val_bpb"),
+            "train_seconds": js.get("train_seconds")}
 
 
 def run(name: str, proxy_name: str, seed: int, out: Path, threads: int = 1) -> dict:

@@ -37,6 +37,8 @@ def theirs(name: str, env: dict[str, str], looped: bool):
     with port.cpu_runtime(script):
         exec(compile(src, f"{name}_patched.py", "exec"), module.__dict__)
         h = module.Hyperparameters()
+        if getattr(module, "BOS_ID", 1) is None:   # 2026-04-27 sets it in main(), from its tokenizer: <s> is 1
+            module.BOS_ID = 1
         model = module.GPT(h).float()
         model.looping_active = looped
         opts = module.Optimizers(h, model)
