@@ -36,6 +36,8 @@ $PY -c "import brotli, sentencepiece, huggingface_hub" \
   || { echo "setup_pod: a required package failed to import (see above)" >&2; exit 1; }
 echo "setup_pod: brotli, sentencepiece, huggingface_hub import fine"
 
-# VARIANT=sp4096|sp8192|caseops fetches the records' larger-vocabulary data instead (default sp1024).
-$PY data/cached_challenge_fineweb.py --variant "${VARIANT:-sp1024}" --train-shards "${TRAIN_SHARDS:-80}"
+# VARIANT=sp1024|sp4096|sp8192|caseops: the tokenizer's data. Default: the profile's (PROFILE=record_0405: sp8192,
+# PROFILE=pod: sp1024), else the pod default's (run.sh: PROFILE=record_0427, CaseOps).
+case "${PROFILE:-}" in record_0405) default=sp8192 ;; pod) default=sp1024 ;; *) default=caseops ;; esac
+$PY data/cached_challenge_fineweb.py --variant "${VARIANT:-$default}" --train-shards "${TRAIN_SHARDS:-80}"
 echo "setup_pod: done"

@@ -29,6 +29,7 @@ echo "$0 ${args//$'\n'/ }" >>"$FAKE_LOG"
 [[ -n "$FAKE_SEED_LOG" && "$1" == *.py ]] && echo "$* SEED=${SEED:-} RUN_ID=${RUN_ID:-}" >>"$FAKE_SEED_LOG"
 if [ "$1" = -c ]; then
   [ -n "$2" ] || exit 0                       # "does it run at all"
+  [[ "$2" == *device_count* ]] && { echo "${FAKE_GPUS:-0}"; exit 0; }   # run.sh: how many CUDA devices
   if [ -e "$home/old" ]; then echo "old 3.8.10"; exit 1; fi
   version=${FAKE_VERSION:-3.11.9} where=${FAKE_WHERE:-CPython/Linux/x86_64/glibc-2.36} torch=-
   if [ -e "$home/torch" ]; then torch=$(cat "$home/torch"); torch=${torch:-2.13.0+fake}; fi
@@ -383,6 +384,8 @@ def test_ci_run_bootstraps_then_runs_the_test_command(box):
 
 
 def test_run_sh_runs_its_python_step_with_the_bootstrapped_python(box):
+    (box.repo / "experiments").mkdir()
+    shutil.copy(ROOT / "experiments" / "profile.sh", box.repo / "experiments" / "profile.sh")
     res = box.run(["bash", "run.sh"], DRY_RUN="1")
     assert res.returncode == 0, res.stderr
     # DRY_RUN's script (train_gpt.py or a helper under experiments/) under .venv's python
@@ -414,6 +417,23 @@ def test_run_sh_applies_a_record_profile_to_dry_run_and_to_a_cpu_run(box, tmp_pa
             assert res.returncode == 0 and caseops["DATA_PATH"] == "data/datasets/local_caseops_sp8192", res.stderr
             assert caseops["LQER_RANK"] == "4" and caseops["EMBED_QUANT"] == "int7"
             assert any("prepare_local.py" in c and "--caseops" in c for c in res.calls), res.calls
+
+
+def test_the_pod_default_is_the_2026_04_27_profile_for_dry_run_and_rehearsal(box, tmp_path):
+    """Without PROFILE, DRY_RUN costs and REHEARSAL rehearses what a pod trains: PROFILE=record_0427 (the rehearsal
+    on the demo corpus at its tokenizer, CaseOps sp8192, when FineWeb is absent); PROFILE=pod is the knob defaults."""
+    (box.repo / "experiments").mkdir()
+    shutil.copy(ROOT / "experiments" / "profile.sh", box.repo / "experiments" / "profile.sh")
+    seen = tmp_path / "env.txt"
+    for switch, script in (("DRY_RUN", "experiments/cost_model.py"), ("REHEARSAL", "experiments/rehearsal.py")):
+        res = box.run(["bash", "run.sh"], FAKE_ENV_LOG=str(seen), **{switch: "1"})
+        assert res.returncode == 0 and res.calls[-1].endswith(script), res.stderr
+        env = dict(line.split("=", 1) for line in seen.read_text().splitlines() if "=" in line)
+        assert env["LQER_RANK"] == "4" and env["CRAWLER_LOOPS_SCHEDULE"] == "0:1,0.35:3", switch
+        assert "record_0427" in res.stdout and switch not in env
+    assert env["DATA_PATH"] == "data/datasets/local_caseops_sp8192" and env["ITERATIONS"] == "2"
+    res = box.run(["bash", "run.sh"], FAKE_ENV_LOG=str(seen), DRY_RUN="1", PROFILE="pod")
+    assert res.returncode == 0 and "LQER_RANK" not in seen.read_text() and "the knob defaults" not in res.stdout
 
 
 def test_run_sh_seeds_train_each_seed_then_write_one_folder(box, tmp_path):

@@ -64,11 +64,17 @@ def test_flop_count_is_six_n_plus_causal_attention():
 
 
 def test_production_default_fits_the_cap(capsys):
+    """The knob defaults (PROFILE=pod, the seeds' stack) fit; so does the pod default (run.sh's PROFILE=record_0427):
+    within 20 kB of the cap, its evaluation (TTT included) inside 600 s."""
     out = cm.main([], {"DRY_RUN": "1"})
     assert out["fits"] and out["bytes_total_estimate"] <= 16_000_000
     assert tg.K_MIN <= out["quant_k"] <= 16
     assert out["bytes_code"] == len(tg.packed_code()) < out["bytes_code_source"]
     assert 0 < out["relative_mse"] < 0.02 and 60 < out["pod_ms_per_step"] < 120
+    from test_loop_records import profile_env
+    pod = cm.main([], {**profile_env("record_0427"), "DRY_RUN": "1"})
+    assert pod["fits"] and 16_000_000 - 20_000 <= pod["bytes_total_estimate"] <= 16_000_000
+    assert pod["pod_eval_seconds"] + pod["pod_ttt_seconds"] <= 600
     printed = capsys.readouterr().out
     assert "dry_run:1" in printed and "quant_k:" in printed and "export_seconds_estimate:" in printed
 
