@@ -138,6 +138,11 @@ case "$PROFILE" in
     export ITERATIONS="${ITERATIONS:-2}" WARMUP_STEPS="${WARMUP_STEPS:-2}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"
     export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-0}" ACCUM_SPLITS="${ACCUM_SPLITS:-1}" GPTQ_CALIB_BATCHES="${GPTQ_CALIB_BATCHES:-2}"
     export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-${TRAIN_SEQ_LEN:-2048}}"   # one sequence a step
+    # TTT's LoRA pass two documents at a time: the same code; 64 at 2048 tokens in fp32 took 15 GB and the OOM
+    # killer on a 24 GB machine (2026-12-04, PROFILE=record_0427)
+    export TTT_LORA_DOCS="${TTT_LORA_DOCS:-2}"
+    # and in chunks of 512 tokens with one SGD phase: at 48 tokens and 3 phases the pass took over 20 minutes
+    export TTT_LORA_CHUNK="${TTT_LORA_CHUNK:-512}" TTT_PHASES="${TTT_PHASES:-1}"
     ;;
   *)
     echo "PROFILE=$PROFILE: expected pod, demo, cpu, rehearsal, record_0405 or record_0427" >&2
