@@ -246,3 +246,30 @@ def test_dataseed_variant_draws_the_records_data_order_from_the_seed():
              "curve": None, "pod_bpb": port.spec(s).pod_bpb} for s in [*port.SCRIPTS, "r0405_dataseed"]]
     rows[-1]["final_bpb"] = 9.0
     assert calibrate.report(pd.DataFrame(rows)).split("| p |")[1].splitlines()[0].endswith("+1.00 |")
+
+
+def test_demo_runs_as_run_sh_ships_it_on_the_proxys_corpus_and_clock():
+    """The demo member is PROFILE=demo untouched (its own width, sequence and sliding score) but for the data the
+    proxy stages and the clock: the proxy's seconds of training plus the demo's GPTQ reserve, as run.sh's 345 s
+    hold 330 of training."""
+    env = port.demo_env(port.PROXIES["wall_half_vimdoc"], 7, Path("/d"), Path("/w"))
+    demo = port.profile_env("demo")
+    assert {k: v for k, v in env.items() if k in demo and demo[k] != v} == {
+        "DATA_PATH": "/d/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "/d/tokenizers/fineweb_1024_bpe.model",
+        "MAX_WALLCLOCK_SECONDS": "180.5"}
+    assert demo["MAX_WALLCLOCK_SECONDS"] == str(330 + int(demo["GPTQ_RESERVE_SECONDS"]))
+    assert env["SEED"] == "7" and env["LOG_DIR"] == "/w/logs"
+    assert "EVAL_STRIDE" not in env and env["COMPILE"] == "1" and "PYTHON" not in env   # sliding: its own score
+    assert port.PROXIES["wall_half"].seconds == port.PROXIES["wall"].seconds / 2
+
+
+def test_demo_side_by_side_reports_plain_scores_and_the_demos_margin():
+    import demo_side_by_side as sbs
+    rows = [{"script": s, "proxy": p, "seed": seed, "final_bpb": f, "plain_bpb": pl, "steps": st}
+            for p in ("wall", "wall_half") for seed in (1, 2)
+            for s, f, pl, st in (("demo", 1.70, 1.75, 300), ("naive", 2.00, None, 220), ("r0405", 2.10, None, 120))]
+    rows[0]["plain_bpb"] = 1.77                        # the demo at wall, seed 1: mean plain 1.76
+    rows = [r for r in rows if not (r["proxy"] == "wall_half" and r["script"] == "r0405")]   # not run yet: no row
+    table = sbs.report(pd.DataFrame(rows)).splitlines()
+    assert len(table) == 3 and table[2] == ("| local | 331 | 2 | 2.0000 (220 st) | 2.1000 (120 st) | 1.7600 (300 st) "
+                                            "| 1.7000 | -0.2400 |")

@@ -88,12 +88,13 @@ def report(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def run_all(proxy: str, scripts: list[str], seeds: list[int], jobs: int, results: Path, out: Path) -> None:
+def run_all(proxies: list[str], scripts: list[str], seeds: list[int], jobs: int, results: Path, out: Path) -> None:
+    """Every (proxy, script, seed) not yet in results, one pool for all (no core idles between proxies)."""
     done = read(results)
     have = set(zip(done.script, done.proxy, done.seed)) if len(done) else set()
-    todo = [(s, seed) for seed in seeds for s in scripts if (s, proxy, seed) not in have]
+    todo = [(p, s, seed) for p in proxies for seed in seeds for s in scripts if (s, p, seed) not in have]
     def one(item):
-        s, seed = item
+        proxy, s, seed = item
         res = port.run(s, proxy, seed, out / f"{s}_{proxy}_s{seed}")
         with results.open("a") as fh:
             fh.write(json.dumps(res) + "\n")
@@ -116,7 +117,7 @@ def main(argv=None) -> None:
     if a.command == "run":
         if not a.proxy:
             ap.error("run needs --proxy")
-        run_all(a.proxy, a.scripts.split(","), [int(s) for s in a.seeds.split(",")], a.jobs, a.results, a.out)
+        run_all([a.proxy], a.scripts.split(","), [int(s) for s in a.seeds.split(",")], a.jobs, a.results, a.out)
     print(report(read(a.results)))
 
 

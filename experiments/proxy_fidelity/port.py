@@ -104,6 +104,10 @@ PROXIES: dict[str, Proxy] = {
     "steps200_vimdoc": Proxy(steps=200, val_every=25, corpus="vimdoc"),   # the same two on the second corpus
     "steps200v_vimdoc": Proxy(steps=200, val_every=25, corpus="vimdoc", own_vocab=True),
     "smoke": Proxy(steps=6, val_every=3),             # a port check and a ms/step timing
+    # the CPU demo's side by side (demo_side_by_side.py): its clock and half of it (a machine twice as slow)
+    "wall_half": Proxy(seconds=165.5),
+    "wall_vimdoc": Proxy(seconds=331.0, corpus="vimdoc"),
+    "wall_half_vimdoc": Proxy(seconds=165.5, corpus="vimdoc"),
 }
 
 
@@ -356,6 +360,19 @@ VARIANTS: dict[str, Script] = {
 }
 STANDINS = (*OURS, *VARIANTS)
 
+# The CPU demo (`bash run.sh` without CUDA: PROFILE=demo) as it ships, at its own scale and schedule, on the
+# proxy's corpus and clock (its GPTQ reserve added, as run.sh's 345 s hold 330 of training): the member that
+# the published scripts are put beside at equal wallclock (demo_side_by_side.py). No twin, no pod score.
+DEMO = "demo"
+
+
+def demo_env(proxy: Proxy, seed: int, data: Path, work: Path) -> dict[str, str]:
+    env = profile_env("demo")
+    return {**env, "SEED": str(seed), "DATA_PATH": f"{data}/datasets/fineweb10B_sp1024",
+            "TOKENIZER_PATH": f"{data}/tokenizers/fineweb_1024_bpe.model",
+            "MAX_WALLCLOCK_SECONDS": str(proxy.seconds + float(env["GPTQ_RESERVE_SECONDS"])),
+            "RUN_ID": f"{DEMO}_s{seed}", "LOG_DIR": str(work / "logs"), "ARTIFACT_DIR": str(work / "artifacts")}
+
 
 def spec(name: str) -> Script:
     """The published script, a variant of one, or for one of OURS its twin's."""
@@ -364,10 +381,11 @@ def spec(name: str) -> Script:
 
 def profile_env(profile: str) -> dict[str, str]:
     """What experiments/profile.sh exports for PROFILE=profile, the environment's own variables left out."""
-    out = subprocess.run(["bash", "-c", f"PROFILE={profile}; . experiments/profile.sh; env -0"], cwd=ROOT,
-                         env={"PATH": os.environ.get("PATH", "")}, capture_output=True, text=True, check=True)
+    out = subprocess.run(["bash", "-c", f"PROFILE={profile}; . experiments/profile.sh >&2; env -0"], cwd=ROOT,
+                         env={"PATH": os.environ.get("PATH", ""), "PYTHON": sys.executable},
+                         capture_output=True, text=True, check=True)
     return {k: v for k, v in (kv.split("=", 1) for kv in out.stdout.split("\0") if "=" in kv)
-            if k not in ("PATH", "PWD", "SHLVL", "_", "OLDPWD")}
+            if k not in ("PATH", "PYTHON", "PWD", "SHLVL", "_", "OLDPWD")}
 
 
 def ours_env(name: str, proxy: Proxy, seed: int, data: Path, steps: int, work: Path) -> dict[str, str]:
@@ -448,28 +466,29 @@ def parse_ours(path: Path) -> dict:
                 "train_seconds": None}
     js = json.loads(path.read_text())
     return {"final_bpb": js["val_bpb"], "final_loss": js["val_loss"], "steps": js["steps"],
+            "plain_bpb": js.get("post_quant_val_bpb"),   # the plain windows' score (the final may be sliding)
             "curve": [(c["step"], c["val_bpb"]) for c in js["curve"]], "pre_quant_bpb": js.get("pre_quant_val_bpb"),
             "train_seconds": js.get("train_seconds")}
 
 
 def run(name: str, proxy_name: str, seed: int, out: Path, threads: int = 1) -> dict:
     """One patched run in its own process (the scripts keep global state); returns parse_log's dict."""
-    proxy, s = PROXIES[proxy_name], spec(name)
+    proxy, s = PROXIES[proxy_name], None if name == DEMO else spec(name)
     out.mkdir(parents=True, exist_ok=True)
-    data = stage_data(out, proxy.corpus, vocab(name, proxy))
-    steps = expected_steps(name, proxy)
-    knobs = (ours_env(name, proxy, seed, data, steps, out) if name in OURS else
-             script_env(name, proxy, seed, data, steps))
+    data = stage_data(out, proxy.corpus, 1024 if name == DEMO else vocab(name, proxy))
+    steps = 0 if name == DEMO else expected_steps(name, proxy)
+    knobs = (demo_env(proxy, seed, data, out) if name == DEMO else ours_env(name, proxy, seed, data, steps, out)
+             if name in OURS else script_env(name, proxy, seed, data, steps))
     env = {**os.environ, **knobs, "OMP_NUM_THREADS": str(threads), "PORT_CLOCK": proxy.clock}
     log = out / f"{name}_{proxy_name}_s{seed}.txt"
     t0 = time.time()
     with open(log, "w") as fh:
         rc = subprocess.run([sys.executable, __file__, "--exec", name], cwd=out, env=env, stdout=fh,
                             stderr=subprocess.STDOUT).returncode
-    figures = parse_ours(out / "logs" / f"{name}_s{seed}.json") if name in OURS else \
+    figures = parse_ours(out / "logs" / f"{name}_s{seed}.json") if s is None or name in OURS else \
         parse_log(log.read_text(errors="replace"), s.final)
     result = {"script": name, "proxy": proxy_name, "seed": seed, "seconds": round(time.time() - t0, 1),
-              "rc": rc, "pod_bpb": s.pod_bpb, **figures}
+              "rc": rc, "pod_bpb": s and s.pod_bpb, **figures}
     if rc != 0 or result["final_bpb"] is None:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty)"]
         raise SystemExit(f"error: {name} seed {seed} failed (rc {rc}); see {log}: {tail[0][:200]}")
@@ -482,7 +501,7 @@ def exec_script(name: str) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if os.environ.get("PORT_CLOCK") == "cpu":   # every script times itself with time.perf_counter
         time.perf_counter = time.process_time
-    if name in OURS:   # ours needs no port: it runs on the CPU as it is
+    if name in OURS or name == DEMO:   # ours needs no port: it runs on the CPU as it is
         import runpy
         sys.argv = [str(ROOT / "train_gpt.py")]
         return runpy.run_path(sys.argv[0], run_name="__main__")
@@ -496,7 +515,7 @@ def exec_script(name: str) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--script", choices=sorted([*SCRIPTS, *STANDINS]))
+    ap.add_argument("--script", choices=sorted([*SCRIPTS, *STANDINS, DEMO]))
     ap.add_argument("--proxy", default="wall", choices=sorted(PROXIES))
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--out", type=Path, default=Path("/tmp/proxy_fidelity"))
