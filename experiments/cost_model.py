@@ -91,15 +91,21 @@ def flops_per_token(hp: tg.Hyperparameters, seq_len: int, train: bool = True, lo
     return counter.get_total_flops() / seq_len + depth * 2 * seq_len * hp.model_dim * (3.5 if train else 1.0)
 
 
+def schedule_stages(hp: tg.Hyperparameters, cost) -> list[tuple[float, float]]:
+    """(share of training, mean cost a step) per stage of the loop schedule, `cost(loops)` a step's cost at
+    that many crawler loops; a cadence's beats (one full step, then cadence - 1 one-loop steps) are averaged."""
+    schedule = hp.loops_schedule()
+    at = {n: cost(n) for n in {1, *(n for _, n in schedule)}}
+    ends = [f for f, _ in schedule[1:]] + [1.0]
+    return [(end - start, (at[n] + (hp.crawler_cadence - 1) * at[1]) / hp.crawler_cadence)
+            for (start, n), end in zip(schedule, ends)]
+
+
 def budget_steps(hp: tg.Hyperparameters, tflops: float) -> int:
     """The steps `tflops` buy at this config's mean FLOPs a step (a cadence's or a loop schedule's cheaper
     steps buy more): a stopping rule that charges each arm its own FLOPs without a clock's noise."""
-    schedule = hp.loops_schedule()
-    flops = {n: flops_per_token(hp, hp.train_seq_len, loops=n) for n in {1, *(n for _, n in schedule)}}
-    ends = [f for f, _ in schedule[1:]] + [1.0]
-    per_token = sum((end - start) * (flops[n] + (hp.crawler_cadence - 1) * flops[1]) / hp.crawler_cadence
-                    for (start, n), end in zip(schedule, ends))
-    return max(1, int(tflops * 1e12 / (per_token * hp.train_batch_tokens)))
+    stages = schedule_stages(hp, lambda n: flops_per_token(hp, hp.train_seq_len, loops=n))
+    return max(1, int(tflops * 1e12 / (sum(share * f for share, f in stages) * hp.train_batch_tokens)))
 
 
 def step_seconds(hp: tg.Hyperparameters, gpus: int = 8, loops: int | None = None) -> float:
@@ -109,12 +115,10 @@ def step_seconds(hp: tg.Hyperparameters, gpus: int = 8, loops: int | None = None
 
 
 def mean_step_seconds(hp: tg.Hyperparameters, gpus: int = 8) -> float:
-    """The run's mean step: the loop schedule's stages (a cadence's beats averaged within each) weighted by the
-    wallclock they get under MAX_WALLCLOCK_SECONDS, or by their share of ITERATIONS without it."""
-    schedule = hp.loops_schedule()
-    cost = {n: step_seconds(hp, gpus, n) for n in {1, *(n for _, n in schedule)}}
-    stages = [(end - start, (cost[n] + (hp.crawler_cadence - 1) * cost[1]) / hp.crawler_cadence)
-              for (start, n), end in zip(schedule, [f for f, _ in schedule[1:]] + [1.0])]
+    """The run's mean step: the schedule's stages weighted by the wallclock they get under
+    MAX_WALLCLOCK_SECONDS (a stage's steps are its share of the time over its step), or by their share of
+    ITERATIONS without it."""
+    stages = schedule_stages(hp, lambda n: step_seconds(hp, gpus, n))
     if hp.train_time_cap:
         return 1 / sum(share / s for share, s in stages)
     return sum(share * s for share, s in stages)
