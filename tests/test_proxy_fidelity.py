@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 
@@ -273,3 +274,22 @@ def test_demo_side_by_side_reports_plain_scores_and_the_demos_margin():
     table = sbs.report(pd.DataFrame(rows)).splitlines()
     assert len(table) == 3 and table[2] == ("| local | 331 | 2 | 2.0000 (220 st) | 2.1000 (120 st) | 1.7600 (300 st) "
                                             "| 1.7000 | -0.2400 |")
+
+
+def test_pairs_report_tallies_sign_agreement_and_rank_correlation(tmp_path):
+    """A pair's CPU Δ and p come from its per-seed Δs when given (paired t against 0), else from its columns; only
+    pairs with p < 0.05 count in the first tally; the rank correlation runs over all."""
+    rows = ["pair\tchange\tpod_delta\tpod_source\tcpu_delta\tcpu_p\tcpu_per_seed\tcpu_source",
+            "1\ta\t-0.01\ts\t-0.05\t0.01\t\tc",          # agree, counted
+            "2\tb\t+0.02\ts\t-0.03\t0.02\t\tc",          # disagree, counted
+            "3\tc\t-0.003\ts\t\t\t-0.010,-0.012,-0.011\tc",   # agree, counted: p from the seeds
+            "4\td\t+0.001\ts\t+0.002\t\t\tc"]            # agree, one seed: not counted
+    path = tmp_path / "pairs.tsv"
+    path.write_text("\n".join(rows) + "\n")
+    out = calibrate.pairs_report(path)
+    p3 = scipy.stats.ttest_1samp([-0.010, -0.012, -0.011], 0).pvalue
+    assert f"| 3 | c | -0.00300 | -0.0110 | {p3:.3f} | agree |" in out and p3 < 0.05
+    assert "| 4 | d | +0.00100 | +0.0020 | — | agree (CPU no signal) |" in out
+    assert "p < 0.05: 2 of 3 (67%); over all 4 pairs: 3 (75%)" in out
+    # ranks: pod 1,4,2,3 and CPU 1,2,3,4: Spearman 1 - 6 * (0+4+1+1) / (4 * 15) = 0.4; Kendall (4 - 2) / 6
+    assert "Spearman +0.40" in out and "Kendall +0.33" in out

@@ -3,10 +3,13 @@
 
     python experiments/proxy_fidelity/calibrate.py run --proxy steps200 --scripts naive,r0405 --seeds 1337,42,7
     python experiments/proxy_fidelity/calibrate.py report [--results FILE]
+    python experiments/proxy_fidelity/calibrate.py pairs [--pairs pairs.tsv]
 
 `run` calls port.py for every (script, seed) not yet in the results file (JSON lines), --jobs at a time, one
 thread each. `report` prints the table script x proxy -> final val_bpb (mean ± std over seeds) and each proxy's
-Kendall tau against the pod scores; the derived proxy "extrapolate:<proxy>" fits each run's validation curve
+Kendall tau against the pod scores; `pairs` scores the proxy's verdicts on single changes against published pod
+ablations (pairs.tsv: each pair's pod Δ with its source, the CPU Δ per seed or as mean and p): sign agreement
+where the CPU is significant and over all, and the rank correlation of the two Δs. The derived proxy "extrapolate:<proxy>" fits each run's validation curve
 with L(s) = a + b * s^-c and reads it at the step where the run would have seen the pod's tokens."""
 from __future__ import annotations
 
@@ -88,6 +91,27 @@ def report(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def pairs_report(path: Path) -> str:
+    """Each pair's CPU mean Δ and paired p (from its per-seed Δs when given), whether the signs agree, and the
+    tallies: agreement where the CPU's p < 0.05, agreement over every pair, Spearman and Kendall of the Δs."""
+    df = pd.read_csv(path, sep="\t", dtype={"cpu_per_seed": str})
+    for i, v in df.cpu_per_seed.dropna().items():
+        d = [float(x) for x in v.split(",")]
+        df.loc[i, ["cpu_delta", "cpu_p"]] = np.mean(d), stats.ttest_1samp(d, 0).pvalue if len(d) > 1 else np.nan
+    df["agree"] = np.sign(df.pod_delta) == np.sign(df.cpu_delta)
+    counted = df[df.cpu_p < 0.05]
+    lines = ["| # | change | pod Δ | CPU Δ | CPU p | signs |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.pair} | {r.change} | {r.pod_delta:+.5f} | {r.cpu_delta:+.4f} | "
+              f"{'—' if np.isnan(r.cpu_p) else f'{r.cpu_p:.3f}'} | {'agree' if r.agree else 'disagree'}"
+              f"{'' if r.cpu_p < 0.05 else ' (CPU no signal)'} |" for r in df.itertuples()]
+    rho, tau = stats.spearmanr(df.pod_delta, df.cpu_delta), stats.kendalltau(df.pod_delta, df.cpu_delta)
+    lines += ["", f"sign agreement where the CPU's p < 0.05: {counted.agree.sum()} of {len(counted)} "
+              f"({counted.agree.mean():.0%}); over all {len(df)} pairs: {df.agree.sum()} ({df.agree.mean():.0%})",
+              f"rank correlation of pod Δ and CPU Δ over all pairs: Spearman {rho.statistic:+.2f} (p {rho.pvalue:.3f}), "
+              f"Kendall {tau.statistic:+.2f} (p {tau.pvalue:.3f})"]
+    return "\n".join(lines)
+
+
 def run_all(proxies: list[str], scripts: list[str], seeds: list[int], jobs: int, results: Path, out: Path) -> None:
     """Every (proxy, script, seed) not yet in results, one pool for all (no core idles between proxies)."""
     done = read(results)
@@ -106,7 +130,8 @@ def run_all(proxies: list[str], scripts: list[str], seeds: list[int], jobs: int,
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["run", "report"])
+    ap.add_argument("command", choices=["run", "report", "pairs"])
+    ap.add_argument("--pairs", type=Path, default=HERE / "pairs.tsv")
     ap.add_argument("--proxy", choices=sorted(port.PROXIES))
     ap.add_argument("--scripts", default=",".join(port.SCRIPTS))   # add ours_r0405 etc. (port.OURS) by name
     ap.add_argument("--seeds", default="1337,42,7")
@@ -114,6 +139,8 @@ def main(argv=None) -> None:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--out", type=Path, default=Path("/tmp/proxy_fidelity"))
     a = ap.parse_args(argv)
+    if a.command == "pairs":
+        return print(pairs_report(a.pairs))
     if a.command == "run":
         if not a.proxy:
             ap.error("run needs --proxy")
