@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
@@ -228,11 +229,75 @@ def dry_run(hp: tg.Hyperparameters, gpus: int = 8, log=print) -> dict:
     return out
 
 
+def pod_check_hp() -> tg.Hyperparameters:
+    """The config experiments/pod_check.py measures on one GPU: PROFILE=record_0427 at its GPU shape."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import pod_check
+
+    sys.path.insert(0, str(pod_check.PORT_DIR))
+    import port
+
+    env = {k: v for k, v in port.profile_env("record_0427").items() if k not in ("VARIANT", "PROFILE",
+                                                                                 "ABLATE_CALLER_VARS")}
+    return tg.Hyperparameters.from_env({**env, **pod_check.GPU_SHAPE})
+
+
+def pod_check_report(path: Path, log=print) -> list[dict]:
+    """The one-GPU check's figures (experiments/pod_check.py's JSON) beside this model's projections for the
+    same work on one H100: (figure, projected, measured, measured / projected); a phase that did not run
+    through gives no figure, and a line says why. The ours / record rows are measured against measured."""
+    report = json.loads(Path(path).read_text())
+    phases = report["phases"]
+    hp = pod_check_hp()
+
+    def got(phase: str, key: str):
+        res = phases.get(phase, {})
+        return res.get(key) if res.get("status") == "ok" else None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    rows = []
+    for loops in (1, hp.crawler_loops):   # one GPU runs the pod's 8 micro-batches of a step in turn
+        rows.append(("train ms/step, %d loop%s (1 GPU, 8 micro-batches)" % (loops, "s" * (loops > 1)),
+                     1000 * step_seconds(hp, gpus=1, loops=loops), got("train_ours", f"ms_per_step_loops{loops}")))
+    weights = tg.count_unique_params(meta_model(hp)) * 4 * 3 / 2**30   # fp32 weights, grads, one moment
+    rows.append(("train peak GiB (activations + fp32 weights, grads, momenta)",
+                 pod_cost(hp, gpus=1)["activation_gib_per_gpu"] + weights, got("train_ours", "peak_allocated_gib")))
+    tokens = 64 * 2048
+    rows.append(("TTT batch seconds (64 x 2048)",
+                 LORA_TTT_RATE * tokens * flops_per_token(hp, hp.eval_seq_len) / H100_BF16_FLOPS,
+                 got("ttt", "batch_seconds")))
+    rows.append(("eval tokens/s", H100_BF16_FLOPS * EVAL_MFU / flops_per_token(hp, hp.eval_seq_len, train=False),
+                 got("eval", "tokens_per_second")))
+    out = [{"figure": f, "projected": p, "measured": m, "ratio": ratio(m, p)} for f, p, m in rows]
+    for loops in (1, hp.crawler_loops):
+        key = f"ms_per_step_loops{loops}"
+        out.append({"figure": f"ours / record ms/step, {loops} loop{'s' * (loops > 1)}", "projected": None,
+                    "measured": ratio(got("train_ours", key), got("train_record", key)), "ratio": None})
+    out.append({"figure": "ours / record peak memory", "projected": None, "ratio": None,
+                "measured": ratio(got("train_ours", "peak_allocated_gib"), got("train_record", "peak_allocated_gib"))})
+    log(f"pod_check {report.get('mode')} commit:{report.get('commit')} date:{report.get('date')} "
+        f"device:{report.get('device')}")
+    if report.get("mode") != "gpu":
+        log("a CPU-mode run: the projections are an H100's, so its ratios only show that every figure is read")
+    for phase, res in phases.items():
+        if res.get("status") != "ok":
+            log(f"{phase}: {res.get('status')}: {res.get('error', '')}")
+    for r in out:
+        cells = [f"{r[k]:.4g}" if isinstance(r[k], (int, float)) else "-" for k in ("projected", "measured", "ratio")]
+        log(f"{r['figure']:<62} projected {cells[0]:>9}  measured {cells[1]:>9}  measured/projected {cells[2]}")
+    return out
+
+
 def main(argv: list[str] | None = None, environ: dict | None = None) -> dict:
     env = dict(os.environ if environ is None else environ)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, default=int(env.get("POD_GPUS", 8)), help="H100s to project for (POD_GPUS)")
+    p.add_argument("--pod-check", type=Path, help="experiments/pod_check.py's JSON: projections beside its figures")
     args = p.parse_args(argv)
+    if args.pod_check:
+        return {"pod_check": pod_check_report(args.pod_check)}
     try:
         hp = tg.Hyperparameters.from_env({k: v for k, v in env.items() if k not in TOOL_VARS})
     except tg.GolfError as err:
