@@ -93,3 +93,33 @@ def test_cost_model_sets_projections_beside_a_gpu_runs_figures(tmp_path):
     assert by["ours / record peak memory"]["measured"] == pytest.approx(40 / 38)
     assert by["TTT batch seconds (64 x 2048)"]["measured"] is None     # failed: no figure, the line says why
     assert any("ttt: failed: CUDA out of memory" in line for line in lines)
+
+
+def test_sdpa_stand_in_for_fa3_is_causal_attention_per_window():
+    import torch
+
+    fa = pod_check.sdpa_fa3_module()
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 12, 4, 8), torch.randn(1, 12, 2, 8), torch.randn(1, 12, 2, 8)
+    dense = fa.flash_attn_func(q, k, v, causal=True)
+    # GQA by repeated heads: query head h reads key head h // 2, causally
+    scores = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(2, 2)) / 8 ** 0.5
+    scores = scores.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
+    want = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v.repeat_interleave(2, 2))
+    assert torch.allclose(dense, want, atol=1e-5)
+    # varlen over uniform windows of 4 (what NO_DOC_STARTS leaves): each window alone
+    cu = torch.tensor([0, 4, 8, 12, 12, 12], dtype=torch.int32)
+    packed = fa.flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=4,
+                                       max_seqlen_k=4, causal=True, window_size=(-1, -1))
+    for w in range(3):
+        part = slice(4 * w, 4 * w + 4)
+        alone = fa.flash_attn_func(q[:, part], k[:, part], v[:, part], causal=True)[0]
+        assert torch.allclose(packed[part], alone, atol=1e-6)
+
+
+@pytest.mark.skipif(not record_available(), reason="the record's script is not here (bash experiments/pod_check.sh prepare)")
+def test_measurement_patches_match_the_records_script_once():
+    src = pod_check.record_source(type("Args", (), {"record": None})())
+    for old, new in (pod_check.ENTRY, pod_check.STEP, pod_check.NO_DOC_STARTS):
+        assert src.count(old) == 1
+        assert old.strip() in pod_check.patch(src, old, new) or new.strip() in pod_check.patch(src, old, new)
