@@ -209,7 +209,9 @@ def dry_run(hp: tg.Hyperparameters, gpus: int = 8, log=print) -> dict:
     sample = next(e["q"] for n, e in entries.items() if n in quantized).reshape(-1)[:2**20].numpy().tobytes()
     t_pack = time.perf_counter()
     tg.compress_bytes(sample, hp.compress_level)
+    # one core's seconds for the whole payload, then the busiest rank's share of its PACK_STREAMS pieces
     pack_s = (time.perf_counter() - t_pack) * raw_model_bytes(model, hp) / len(sample)
+    pack_s *= -(-tg.PACK_STREAMS // gpus) / tg.PACK_STREAMS
     model_bytes = round(tg.along_log_k(curve, k, "bytes"))
     code = len(tg.packed_code())
     out = {"unique_params": tg.count_unique_params(model), "effective_depth": hp.effective_depth, "quant_k": k,
