@@ -1437,6 +1437,7 @@ def build_training(hp: Hyperparameters, data: RunData, dinfo: DistInfo, device: 
 def unused_at_one_loop(model: CrawlerGPT, loops: int | None = 1) -> list[str]:
     """Parameters a single-loop step (or one of `loops`) leaves without a gradient: DDP must expect them."""
     probe = copy.deepcopy(model).cpu().float()
+    probe.set_backends("sdpa")   # a CPU copy: FA3 has CUDA kernels alone (issue 40: it killed every DDP run)
     ids = torch.zeros(1, 4, dtype=torch.long)
     probe(ids, ids, loops=loops).backward()
     return [n for n, p in probe.named_parameters() if p.grad is None]
