@@ -2430,13 +2430,14 @@ def export(trainer: Trainer, hp: Hyperparameters, data: RunData, run_id: str) ->
                      f"(with CHECKPOINT_EVERY set): RUN_ID={run_id} RESUME=1 with the same knobs")
     if dinfo.distributed:
         dist.barrier()
-    sizes = {"bytes_code": len(packed_code()), "bytes_model": artifact.stat().st_size}
+    sizes = {"bytes_code": len(packed_code()), "bytes_model": final.size}   # the blob rank 0 wrote
     sizes["bytes_total"] = sizes["bytes_code"] + sizes["bytes_model"]
     log.kv(quant=hp.quant, loop_aware=int(hp.quant == "gptq" and loop_aware(hp)),
            quant_k=f"{final.quant_k:.3f}", passes=final.passes, **sizes)
     if sizes["bytes_total"] > hp.size_limit:
         kept = artifact.with_suffix(".over_cap.ptz")
-        os.replace(artifact, kept)
+        if dinfo.master:   # rank 0 alone moves it (it wrote it); every rank raises the same error
+            os.replace(artifact, kept)
         raise ArtifactTooLarge(f"SIZE_LIMIT: the artifact is {sizes['bytes_total'] - hp.size_limit} bytes "
                                f"over the cap of {hp.size_limit} (kept as {kept}) — shrink the model, or "
                                "set SIZE_TARGET=fit")
