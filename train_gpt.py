@@ -2362,6 +2362,9 @@ def check_room(hp: Hyperparameters, dinfo: DistInfo) -> None:
 def preflight(hp: Hyperparameters, dinfo: DistInfo, device: torch.device, run_id: str = "") -> RunData:
     """Everything that can fail, checked before the first step. EVAL_ONLY needs only val shards, tokenizer."""
     t0 = time.perf_counter()
+    # compile_model's recompile_limit is torch 2.7's name (cache_size_limit before); a pod image keeps its torch
+    require(not hp.use_compile(device) or hasattr(torch._dynamo.config, "recompile_limit"), "torch",
+            f"{torch.__version__} is older than 2.7 — pip install 'torch>=2.7' (requirements.txt), or COMPILE=0")
     require(hp.accum_splits % dinfo.world_size == 0, "ACCUM_SPLITS",
             f"{hp.accum_splits} is not divisible by the world size {dinfo.world_size}")
     if dinfo.master and run_id:

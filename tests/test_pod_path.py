@@ -541,3 +541,24 @@ def test_train_plus_calibration_is_logged_after_the_hessians_and_warns_past_the_
     assert total >= 100 + 0.4 * len(calls) and float(values["budget_seconds"]) == 102
     assert lines[at + 1] == (f"warning: over MAX_WALLCLOCK_SECONDS by {total - 102:.1f}s: set "
                              f"GPTQ_RESERVE_SECONDS={math.ceil(total - 101)}")
+
+
+# ---------------------------------------------------------------------------- torch older than 2.7
+
+
+def test_a_torch_without_recompile_limit_is_one_preflight_error(local_corpus, tmp_path, monkeypatch):
+    """Issue 40: torch._dynamo.config.recompile_limit is torch 2.7's (older: cache_size_limit); requirements.txt
+    allowed 2.5 and the bootstrap keeps a pod image's torch, so compile_model died of AttributeError after the
+    data had loaded. The preflight refuses it, naming the version and the fix; COMPILE=0 needs no such knob."""
+    import types
+    older = types.SimpleNamespace(cache_size_limit=8, fail_on_cache_limit_hit=False)   # torch 2.6's knobs
+    monkeypatch.setattr(torch._dynamo, "config", older)
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu126")
+    hp = tg.Hyperparameters.from_env(tiny_env(local_corpus, tmp_path, COMPILE=1))
+    with pytest.raises(tg.GolfError) as err:
+        tg.preflight(hp, tg.DistInfo(), CPU)
+    assert str(err.value) == ("torch: 2.6.0+cu126 is older than 2.7 — pip install 'torch>=2.7' (requirements.txt), "
+                              "or COMPILE=0")
+    tg.preflight(dataclasses.replace(hp, compile="0"), tg.DistInfo(), CPU)
+    requirement = next(line for line in (ROOT / "requirements.txt").read_text().splitlines() if line.startswith("torch"))
+    assert requirement.startswith("torch>=2.7,")
