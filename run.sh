@@ -12,7 +12,9 @@ cd "$(dirname "$0")"
 bootstrap_python run.sh || exit 1
 PY=$PYTHON
 
-gpus=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+# The CUDA devices torch can use; a GPU it cannot use (torch built for a newer driver) is an error, never the CPU demo.
+bootstrap_gpus run.sh || exit 1
+gpus=$BOOTSTRAP_GPUS
 dry=0 rehearsal=0
 case "${DRY_RUN:-0}" in 1|true|yes|on) dry=1 ;; esac
 case "${REHEARSAL:-0}" in 1|true|yes|on) rehearsal=1 ;; esac

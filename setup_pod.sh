@@ -6,6 +6,7 @@ cd "$(dirname "$0")"
 # on a GPU that means torch==2.13.0 from PyPI (CUDA 13.0) unless the interpreter already has a torch.
 . .ci/bootstrap.sh
 bootstrap_python setup_pod || exit 1
+bootstrap_gpus setup_pod || exit 1   # a GPU torch cannot use (an older driver than its build's CUDA) stops here
 PY=$PYTHON
 
 is_hopper() {

@@ -6,6 +6,9 @@
 #   bootstrap_python TAG    sets and exports PYTHON to an interpreter on which every import of
 #                           the trainer, the data scripts and the tests succeeds; one "TAG: ..."
 #                           line per step, one "TAG: error: ..." line and status 1 on failure.
+#   bootstrap_gpus TAG      after bootstrap_python: sets BOOTSTRAP_GPUS to the CUDA devices PYTHON's
+#                           torch can use; a GPU that nvidia-smi lists but torch cannot use is one
+#                           "TAG: error: ..." line (the driver, the torch build, the fix) and status 1.
 #
 # Which interpreter, first match wins:
 #   1. PYTHON=...      the caller's choice;
@@ -290,5 +293,21 @@ bootstrap_python() {
     _bs_use "$PWD/.venv/bin/python" .venv
   else
     _bs_system_or_new_venv
+  fi
+}
+
+# PyPI's torch 2.13 is built for CUDA 13.0, which needs NVIDIA driver R580 or newer; on an older
+# driver torch.cuda.is_available() is False and the GPU machine would run the CPU path (run.sh: the
+# CPU demo on 8 H100s). CUDA_VISIBLE_DEVICES set empty hides the GPUs on purpose: then no error.
+bootstrap_gpus() {
+  _bs_tag=${1:-bootstrap}
+  local torch_version torch_cuda driver
+  read -r BOOTSTRAP_GPUS torch_version torch_cuda < <("$PYTHON" -c "import torch
+print(torch.cuda.device_count() if torch.cuda.is_available() else 0, torch.__version__, torch.version.cuda)")
+  export BOOTSTRAP_GPUS=${BOOTSTRAP_GPUS:-0}
+  if [ "$BOOTSTRAP_GPUS" = 0 ] && [ "${CUDA_VISIBLE_DEVICES-unset}" != "" ] && _bs_has_cuda; then
+    driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+    _bs_fail "nvidia-smi lists a GPU (driver ${driver:-unknown}) that torch $torch_version (CUDA $torch_cuda) cannot use — upgrade the NVIDIA driver (CUDA 13 needs R580 or newer), or install a torch built for this driver's CUDA: rm -rf .venv and rerun with TORCH_SPEC=\"torch --index-url https://download.pytorch.org/whl/cu126\" (CUDA_VISIBLE_DEVICES= for the CPU path)"
+    return 1
   fi
 }

@@ -29,7 +29,8 @@ echo "$0 ${args//$'\n'/ }" >>"$FAKE_LOG"
 [[ -n "$FAKE_SEED_LOG" && "$1" == *.py ]] && echo "$* SEED=${SEED:-} RUN_ID=${RUN_ID:-}" >>"$FAKE_SEED_LOG"
 if [ "$1" = -c ]; then
   [ -n "$2" ] || exit 0                       # "does it run at all"
-  [[ "$2" == *device_count* ]] && { echo "${FAKE_GPUS:-0}"; exit 0; }   # run.sh: how many CUDA devices
+  # bootstrap_gpus: how many CUDA devices torch can use, its version and its CUDA
+  [[ "$2" == *device_count* ]] && { echo "${FAKE_GPUS:-0} ${FAKE_TORCH:-2.13.0+cu130} ${FAKE_TORCH_CUDA:-13.0}"; exit 0; }
   if [ -e "$home/old" ]; then echo "old 3.8.10"; exit 1; fi
   version=${FAKE_VERSION:-3.11.9} where=${FAKE_WHERE:-CPython/Linux/x86_64/glibc-2.36} torch=-
   if [ -e "$home/torch" ]; then torch=$(cat "$home/torch"); torch=${torch:-2.13.0+fake}; fi
@@ -94,9 +95,12 @@ class Sandbox:
             (path.parent.parent / name).touch()
         return path
 
-    def gpu(self, present: bool) -> None:
+    def gpu(self, present: bool, driver: str = "580.65.06") -> None:
+        """A fake nvidia-smi: -L lists an H100 (or fails: no GPU); --query-gpu=driver_version prints `driver`."""
         smi = self.bin / "nvidia-smi"
-        smi.write_text("#!/bin/sh\n" + ("echo 'GPU 0: H100'\n" if present else "exit 9\n"))
+        listing = (f'case "$*" in *driver_version*) echo {driver} ;; *) echo "GPU 0: NVIDIA H100 80GB HBM3" ;; esac\n'
+                   if present else "exit 9\n")
+        smi.write_text("#!/bin/sh\n" + listing)
         smi.chmod(0o755)
 
     def bootstrap(self, **env):
@@ -434,6 +438,33 @@ def test_the_pod_default_is_the_2026_04_27_profile_for_dry_run_and_rehearsal(box
     assert env["DATA_PATH"] == "data/datasets/local_caseops_sp8192" and env["ITERATIONS"] == "2"
     res = box.run(["bash", "run.sh"], FAKE_ENV_LOG=str(seen), DRY_RUN="1", PROFILE="pod")
     assert res.returncode == 0 and "LQER_RANK" not in seen.read_text() and "the knob defaults" not in res.stdout
+
+
+@pytest.mark.parametrize("script", ["run.sh", "setup_pod.sh"])
+def test_a_gpu_torch_cannot_use_is_one_error_line_never_the_cpu_demo(box, tmp_path, script):
+    """Issue 40: PyPI's torch 2.13 is built for CUDA 13 (driver R580+). On an older driver nvidia-smi lists the GPUs,
+    torch.cuda.is_available() is False, and run.sh trained the CPU demo on 8 H100s. Now: one error line naming the
+    driver and the torch build, with the fix; nothing trains. CUDA_VISIBLE_DEVICES= (empty) is the CPU path."""
+    (box.repo / "experiments").mkdir()
+    shutil.copy(ROOT / "experiments" / "profile.sh", box.repo / "experiments" / "profile.sh")
+    shutil.copy(ROOT / "setup_pod.sh", box.repo / "setup_pod.sh")
+    seen = tmp_path / "env.txt"
+    box.gpu(True, driver="535.183.01")
+    res = box.run(["bash", script], FAKE_GPUS="0", FAKE_ENV_LOG=str(seen))
+    assert res.returncode == 1, res.stdout + res.stderr
+    tag = script.removesuffix(".sh") if script == "setup_pod.sh" else script
+    assert res.stderr == (f"{tag}: error: nvidia-smi lists a GPU (driver 535.183.01) that torch 2.13.0+cu130 "
+                          "(CUDA 13.0) cannot use — upgrade the NVIDIA driver (CUDA 13 needs R580 or newer), or install "
+                          "a torch built for this driver's CUDA: rm -rf .venv and rerun with TORCH_SPEC=\"torch "
+                          "--index-url https://download.pytorch.org/whl/cu126\" (CUDA_VISIBLE_DEVICES= for the CPU "
+                          "path)\n")
+    assert not seen.exists() and "CPU demo" not in res.stdout   # no script ran: no demo, no data fetch
+    if script == "run.sh":
+        hidden = box.run(["bash", script], FAKE_GPUS="0", FAKE_ENV_LOG=str(seen), CUDA_VISIBLE_DEVICES="")
+        assert hidden.returncode == 0 and "CPU demo profile" in hidden.stdout, hidden.stderr
+        usable = box.run(["bash", "-c", ". .ci/bootstrap.sh && bootstrap_python test && bootstrap_gpus test && "
+                          "echo gpus=$BOOTSTRAP_GPUS"], FAKE_GPUS="8")
+        assert usable.returncode == 0 and usable.stdout.splitlines()[-1] == "gpus=8", usable.stderr
 
 
 def test_run_sh_seeds_train_each_seed_then_write_one_folder(box, tmp_path):

@@ -255,6 +255,18 @@ def test_over_the_cap_exits_3_and_keeps_the_artifact_aside(small, tmp_path):
     one_error(proc, 3, "SIZE_LIMIT")
 
 
+def test_over_the_cap_on_two_ranks_rank_0_alone_moves_the_artifact(small, tmp_path):
+    """Issue 40: every rank raised the cap error, and every rank renamed the artifact (all but one then died of
+    FileNotFoundError, or a rank's stat missed the file rank 0 had moved). Both ranks exit 3, one error line."""
+    env = fast_env(small, tmp_path, ITERATIONS=1, COMPRESS_LEVEL=1, SIZE_LIMIT=100_000, RUN_ID="over2")
+    proc = cli(env, argv=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(SCRIPT)])
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["over2.over_cap.ptz"], proc.stderr[-3000:]
+    assert "FileNotFoundError" not in proc.stderr, proc.stderr[-3000:]
+    assert re.findall(r"exitcode\s*: (\d+)", proc.stderr) == ["3", "3"], proc.stderr[-3000:]
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error: SIZE_LIMIT: ")]) == 1
+
+
 @pytest.mark.parametrize("var, value", [("RUN_ID", "team/run1"), ("EVAL_SEQ_LEN", str(VAL_TOKENS + 128)),
                                         ("TRAIN_BATCH_TOKENS", str(2 ** 21))])   # a window/a step longer than the data
 def test_input_errors_say_how_to_fix_them(var, value, small, tmp_path):

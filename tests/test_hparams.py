@@ -194,6 +194,22 @@ def test_the_submission_stays_within_its_byte_and_column_budget():
     assert not [i + 1 for i, line in enumerate(lines) if len(line) > 110]
 
 
+def test_the_packed_script_is_base93_ascii_that_decodes_to_the_stripped_source_and_packs_itself(tmp_path):
+    """The packed script: three ASCII lines (import, the base-93 string, the stub's decoder and exec); imported as
+    train_gpt it is the same program (its knobs, their defaults) and its own packing."""
+    packed = tg.packed_code()
+    assert packed.isascii() and packed.startswith(tg.PACKED_PREFIX) and packed.count(b"\n") == 3
+    folder = tmp_path / "packed"
+    folder.mkdir()
+    (folder / "train_gpt.py").write_bytes(packed)
+    probe = ("import ast, train_gpt as tg; hp = tg.Hyperparameters(); "
+             "print(tg.__file__, tg.packed_code() == open(tg.__file__, 'rb').read(), hp.model_dim, "
+             "[f.name for f in tg.knob_fields()] == %r)" % [f.name for f in tg.knob_fields()])
+    out = subprocess.run([sys.executable, "-c", probe], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(folder / "train_gpt.py"), "True", str(tg.Hyperparameters().model_dim), "True"]
+
+
 def test_validation_globs_take_the_shards_not_their_byte_sidecars():
     """A CaseOps dataset ships fineweb_val_bytes_000000.bin beside fineweb_val_000000.bin (prepare_local --caseops
     writes <name>_val_bytes_* and <name>_heldout_bytes_*): the default and the profiles' globs must skip them."""

@@ -65,6 +65,14 @@ def test_record_0427_profile_is_the_record_model():
     assert groups["flat.0.attn.gate_w"] == groups["smear.gate_w"] == groups["flat.0.lane_post"] == "scalar"
 
 
+@pytest.mark.parametrize("profile", ["record_0405", "record_0427"])
+def test_record_profiles_validate_only_after_training(profile):
+    """Issue 40: VAL_LOSS_EVERY at the knob default (1000) gave the pod's ~4,900 steps five full-split validations
+    before the final one; the record profiles validate only after training."""
+    hp = tg.Hyperparameters.from_env(profile_env(profile))
+    assert hp.val_loss_every == 0 and hp.val_max_tokens == 0
+
+
 def test_crawler_position_names_are_counts_of_flat_blocks():
     for name, count in (("end", "4"), ("bottleneck", "2")):
         named = small_hp(NUM_FLAT_LAYERS=4, CRAWLER_POSITION=name)
