@@ -39,7 +39,7 @@
 # the bootstrap's to manage. pip's own output goes to logs/bootstrap.log. requirements.lock is made
 # by .ci/lock.sh.
 
-BOOTSTRAP_IMPORTS="torch numpy sentencepiece brotli huggingface_hub pandas scipy matplotlib
+BOOTSTRAP_IMPORTS="torch numpy sentencepiece brotli python_minifier huggingface_hub pandas scipy matplotlib
 tqdm filelock tabulate pytest hypothesis"
 BOOTSTRAP_TORCH="torch==2.13.0"            # the pin where the lock does not apply (PyPI's build)
 BOOTSTRAP_LOCK=requirements.lock

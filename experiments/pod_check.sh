@@ -3,7 +3,7 @@
 #
 #   bash experiments/pod_check.sh prepare     where the package registry is reachable (this machine): the
 #                                             wheels the check needs beyond the GPU image's torch, numpy and
-#                                             sentencepiece (brotli, for CPython 3.12 manylinux x86_64), the
+#                                             sentencepiece (brotli, python-minifier: CPython 3.12), the
 #                                             CaseOps sp8192 sample of the shipped corpus, and the 2026-04-27
 #                                             record's train_gpt.py, into .pod_check/ (git-ignored, <= 60 MiB)
 #   bash experiments/pod_check.sh [--out DIR] on one H100 with no network, .pod_check/ carried along: installs
@@ -20,14 +20,17 @@ case " $* " in
   *) PY=${PYTHON:-python3} ;;
 esac
 carry=.pod_check
-brotli_version=$(sed -n 's/^brotli==\([0-9.]*\).*/\1/p' requirements.lock | head -1)
+# The wheels the GPU image lacks, at the lock's versions: brotli (the artifact's coder) and python-minifier (the
+# packed script the cap counts)
+wheels=$(sed -n 's/^\(brotli\|python-minifier\)==\([0-9.]*\).*/\1==\2/p' requirements.lock | tr '\n' ' ')
 
 if [ "${1:-}" = prepare ]; then
   mkdir -p "$carry/whl" "$carry/record"
-  echo "pod_check: wheels for CPython 3.12 manylinux x86_64 into $carry/whl: brotli==$brotli_version"
+  echo "pod_check: wheels for CPython 3.12 manylinux x86_64 into $carry/whl: $wheels"
+  # shellcheck disable=SC2086
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$carry/whl" "brotli==$brotli_version"
+    -d "$carry/whl" $wheels
   echo "pod_check: the CaseOps sp8192 sample of the shipped corpus into $carry/data"
   "$PY" data/prepare_local.py --vocab-size 8192 --caseops --out-root "$carry/data" >/dev/null
   echo "pod_check: the 2026-04-27 record's train_gpt.py (readable) into $carry/record"
@@ -48,10 +51,10 @@ fi
 
 cpu=0
 for arg in "$@"; do [ "$arg" = --cpu ] && cpu=1; done
-if [ "$cpu" = 0 ] && ! "$PY" -c "import brotli" 2>/dev/null; then
+if [ "$cpu" = 0 ] && ! "$PY" -c "import brotli, python_minifier" 2>/dev/null; then
   # the GPU image has no registry: the carried wheels, installed beside its own packages
   if ! ls "$carry"/whl/*.whl >/dev/null 2>&1; then
-    echo "pod_check: error: brotli is missing and $carry/whl holds no wheels — run 'bash experiments/pod_check.sh prepare' where pip reaches its registry, and carry $carry" >&2
+    echo "pod_check: error: brotli or python-minifier is missing and $carry/whl holds no wheels — run 'bash experiments/pod_check.sh prepare' where pip reaches its registry, and carry $carry" >&2
     exit 1
   fi
   site=$(mktemp -d /tmp/pod_check_site.XXXXXX)
