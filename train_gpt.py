@@ -356,8 +356,7 @@ ALIASES = {old: f"here it is {new}" for pair in _RENAMED.replace("\n", "; ").spl
            for new, olds in [pair.split(": ")] for old in olds.split()} | dict.fromkeys(
     "TTT_BURST_ENABLED TTT_BURST_STEPS TTT_BURST_EPOCHS TTT_BURST_LR_FACTOR DISTILL_TEMP".split(),
     "the seeds' replay and self-distillation were deleted: no gain shown (experiments/LOG.md)") | {
-    "DEVICE": "CUDA when torch sees a GPU (one a process), else the CPU; CUDA_VISIBLE_DEVICES= (empty) "
-              "forces the CPU",
+    "DEVICE": "CUDA when torch sees a GPU, else the CPU; CUDA_VISIBLE_DEVICES= (empty) forces the CPU",
     "DROPOUT": "there is no dropout", "BIAS": "linear maps have no bias", "TIE_EMBEDDINGS": "always tied",
     "NUM_TRAIN_EPOCHS": "ITERATIONS and MAX_WALLCLOCK_SECONDS bound training",
     **dict.fromkeys(("DTYPE", "FP16", "BF16"), "bf16 autocast on CUDA, fp32 on the CPU"),
@@ -711,14 +710,6 @@ def load_tokenizer(path: str):
         raise DataError(f"TOKENIZER_PATH: {path} is not a SentencePiece model ({exc}) — {DATA_FIX}") \
             from None
 
-def read_manifest(data_path: str) -> dict:
-    """The dataset's manifest.json ({} when there is none)."""
-    path = Path(data_path) / "manifest.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not readable JSON ({err}) — {DATA_FIX}") from None
-
 def check_tokenizer_fits_shards(sp, val_tokens: Tensor, hp: Hyperparameters) -> None:
     """The tokenizer must be the one that made the shards: the manifest names its sha256 when
     data/prepare_local.py built them; otherwise a few validation documents, decoded and re-encoded, must
@@ -727,7 +718,11 @@ def check_tokenizer_fits_shards(sp, val_tokens: Tensor, hp: Hyperparameters) -> 
     top = int(val_tokens.int().max())
     require(top < sp.vocab_size(), "TOKENIZER_PATH", f"{path} has {sp.vocab_size()} pieces but the val "
             f"shards hold token id {top} — {fix}", DataError)
-    expected = read_manifest(hp.data_path).get("tokenizer", {}).get("sha256")
+    manifest = Path(hp.data_path) / "manifest.json"   # the dataset's, when it has one
+    try:
+        expected = manifest.is_file() and json.loads(manifest.read_text()).get("tokenizer", {}).get("sha256")
+    except (OSError, ValueError) as err:
+        raise DataError(f"{manifest}: not readable JSON ({err}) — {DATA_FIX}") from None
     if expected:
         actual = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         require(actual == expected, "TOKENIZER_PATH", f"{path} (sha256 {actual[:12]}…) is not the "
@@ -1587,10 +1582,10 @@ def decompress_bytes(data: bytes) -> bytes:
     import brotli  # noqa: PLC0415
     return brotli.decompress(data)
 
-# The artifact's payload is compressed in PACK_STREAMS pieces, each its own brotli stream, the ranks sharing them
-# (rank r the pieces r, r + world, ...): one pack of a record-size artifact takes ~60 s on one core at quality
-# 11, and the pieces cost +0.002% bytes (a 8.4M-value int6 sample, LOG.md). Fixed, so the bytes do not depend
-# on the number of GPUs.
+# The artifact's payload is compressed in PACK_STREAMS pieces, each its own brotli stream, the ranks sharing
+# them (rank r the pieces r, r + world, ...): one pack of a record-size artifact takes ~60 s on one core at
+# quality 11, and the pieces cost +0.002% bytes (a 8.4M-value int6 sample, LOG.md). Fixed, so the bytes do not
+# depend on the number of GPUs.
 PACK_STREAMS = 8
 
 def compress_streams(data: bytes, level: int, dinfo: DistInfo = DistInfo()) -> bytes:
@@ -2396,7 +2391,7 @@ def check_room(hp: Hyperparameters, dinfo: DistInfo) -> None:
                 for n, p in model.named_parameters()) // 4
     room = hp.size_limit - code
     require(room >= floor, "SIZE_LIMIT", f"{hp.size_limit:,} leaves {room:,} bytes after the {code:,}-byte "
-            f"packed script; this model needs at least {floor:,} (its float tensors and row scales)")
+            f"packed script; this model needs at least {floor:,}")   # its float tensors and row scales
     ckpt = 4 * count_unique_params(model) * (4 + bool(hp.ema_decay)) * dinfo.world_size
     needs = {"ARTIFACT_DIR": hp.size_limit + (ckpt if hp.checkpoint_every else 0), "LOG_DIR": 2**20,
              "RECORDS_DIR": hp.size_limit}   # experiments/records.py copies the artifact there after the run
@@ -2412,7 +2407,7 @@ def check_room(hp: Hyperparameters, dinfo: DistInfo) -> None:
         need = sum(needs[v] for v, f in folders.items() if f.stat().st_dev == folder.stat().st_dev)
         free = shutil.disk_usage(folder).free
         require(free >= need, var, f"{folder} has {free:,} bytes free; the run needs {need:,} on that disk "
-                "(artifact, records copy, logs, checkpoints) — free space or point it elsewhere", DataError)
+                "— free space or point it elsewhere", DataError)   # artifact, records copy, logs, ckpts
 
 def preflight(hp: Hyperparameters, dinfo: DistInfo, device: torch.device, run_id: str = "") -> RunData:
     """Everything that can fail, checked before the first step. EVAL_ONLY needs only val shards, tokenizer."""
@@ -2482,7 +2477,7 @@ def export(trainer: Trainer, hp: Hyperparameters, data: RunData, run_id: str) ->
     log.kv(train_plus_calibration_seconds=f"{total:.1f}", calibration_seconds=f"{calib:.1f}",
            budget_seconds=cap)
     if 0 < cap < total:   # the reserve (cap - train_time_cap) fell short: the measured need is the fix
-        log(f"warning: over MAX_WALLCLOCK_SECONDS by {total - cap:.1f}s: set GPTQ_RESERVE_SECONDS="
+        log(f"warning: {total - cap:.1f}s over MAX_WALLCLOCK_SECONDS: set GPTQ_RESERVE_SECONDS="
             f"{math.ceil(total - hp.train_time_cap)}")
     artifact = Path(hp.artifact_dir) / f"{run_id}.ptz"
     if dinfo.master:

@@ -539,7 +539,7 @@ def test_train_plus_calibration_is_logged_after_the_hessians_and_warns_past_the_
     assert len(calls) >= 4 and float(values["calibration_seconds"]) >= 0.4 * len(calls)
     total = float(values["train_plus_calibration_seconds"])
     assert total >= 100 + 0.4 * len(calls) and float(values["budget_seconds"]) == 102
-    assert lines[at + 1] == (f"warning: over MAX_WALLCLOCK_SECONDS by {total - 102:.1f}s: set "
+    assert lines[at + 1] == (f"warning: {total - 102:.1f}s over MAX_WALLCLOCK_SECONDS: set "
                              f"GPTQ_RESERVE_SECONDS={math.ceil(total - 101)}")
 
 
