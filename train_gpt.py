@@ -577,12 +577,13 @@ def packed_code() -> bytes:
     try:
         import python_minifier  # noqa: PLC0415
     except ImportError:
-        raise GolfError("python-minifier is not installed: the packed script (what the cap counts) needs it — "
-                        "pip install -r requirements.txt") from None
+        raise GolfError("python-minifier is not installed: the packed script (what the cap counts) needs "
+                        "it — pip install -r requirements.txt") from None
     # Function locals get short names (globals, arguments, attributes and fields keep theirs): ~2.3 kB fewer
     # packed bytes; one space an indent level. The readable file is the one runs and tracebacks name.
-    code = python_minifier.minify(ast.unparse(tree), remove_annotations=False, remove_literal_statements=False,
-                                  hoist_literals=False, rename_globals=False, constant_folding=False)
+    code = python_minifier.minify(ast.unparse(tree), remove_annotations=False, hoist_literals=False,
+                                  remove_literal_statements=False, rename_globals=False,
+                                  constant_folding=False)
     blob = compress_bytes(code.encode())
     digits = "".join(chr(c) for c in range(32, 127) if chr(c) not in '"\\')
     chunks = []

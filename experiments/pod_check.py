@@ -116,13 +116,17 @@ def last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def run_phase(phase: str, args: argparse.Namespace, budget: float, work: Path) -> dict:
-    """One phase in a child process of its own session (a timeout kills all it started): its fragment of
-    figures, then `status` ok / failed / timeout, its seconds and budget, and on failure one `error` line."""
+def child_command(phase: str, args: argparse.Namespace, work: Path) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", phase, "--work", str(work)]
+    return cmd + ["--cpu"] * args.cpu + (["--record", str(args.record)] if args.record else [])
+
+
+def run_phase(phase: str, cmd: list[str], budget: float, work: Path) -> dict:
+    """One phase, `cmd`, in a child process of its own session (a timeout kills all it started): the figures
+    it wrote to work/<phase>.json, then `status` ok / failed / timeout, its seconds and budget, and on
+    failure one `error` line (its output's last line)."""
     fragment = work / f"{phase}.json"
     log = work / f"{phase}.log"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", phase, "--work", str(work)]
-    cmd += ["--cpu"] * args.cpu + (["--record", str(args.record)] if args.record else [])
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
@@ -174,7 +178,8 @@ def main_runner(args: argparse.Namespace) -> dict:
             if left < 5:
                 report["phases"][phase] = {"status": "skipped", "error": "no time left in the check's budget"}
             else:
-                report["phases"][phase] = run_phase(phase, args, min(PHASE_BUDGETS[phase] * scale, left), work)
+                budget = min(PHASE_BUDGETS[phase] * scale, left)
+                report["phases"][phase] = run_phase(phase, child_command(phase, args, work), budget, work)
             report["device"] = report["phases"].get("env", {}).get("gpu_name", report["device"])
             report["elapsed_seconds"] = round(time.perf_counter() - t0, 1)
             write_json(out / "pod_check.json", report)

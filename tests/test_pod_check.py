@@ -65,12 +65,27 @@ def test_a_failed_phase_is_one_line_and_the_next_phase_runs(tmp_path):
     assert env["status"] == "ok" and env["torch"]
 
 
-def test_a_phase_over_its_budget_is_stopped_with_its_figures_so_far(tmp_path, local_corpus):
-    # 0.1 of the CPU budgets: train_ours gets 13 s, enough to start and report its shape, not to compile
-    report = run_check(tmp_path, "--phases", "train_ours", "--budget-scale", "0.1")
-    res = report["phases"]["train_ours"]
-    assert res["status"] == "timeout" and "budget" in res["error"] and res["seconds"] < 20
-    assert (tmp_path / "pod_check_train_ours.log").exists()
+CHILD = """
+import json, sys, time
+json.dump({"shape": 8}, open(sys.argv[1], "w"))   # a figure, then a hang (or a failure)
+print("working", flush=True)
+if sys.argv[2] == "hang":
+    time.sleep(600)
+print("RuntimeError: CUDA out of memory", flush=True)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("how", ["hang", "fail"])
+def test_a_phase_that_hangs_or_fails_keeps_its_figures_and_says_why_in_one_line(tmp_path, how):
+    (tmp_path / "child.py").write_text(CHILD)
+    cmd = [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "ttt.json"), how]
+    res = pod_check.run_phase("ttt", cmd, 3.0, tmp_path)
+    assert res["shape"] == 8 and res["budget_seconds"] == 3.0   # what it wrote before it stopped
+    if how == "hang":   # killed at its budget, not after the child's 600 s
+        assert res["status"] == "timeout" and "3 s budget" in res["error"] and res["seconds"] < 10
+    else:
+        assert res["status"] == "failed" and res["error"] == "RuntimeError: CUDA out of memory"
 
 
 def test_cost_model_sets_projections_beside_a_gpu_runs_figures(tmp_path):
