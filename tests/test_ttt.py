@@ -360,8 +360,9 @@ def test_lora_ranks_take_their_share_of_one_longest_first_order(monkeypatch):
     tokens, docs = doc_stream(), tg.documents(doc_stream())
     shares = cm.ttt_shares(docs, 2)
     assert sorted(d for s in shares for d in s) == docs
+    real = tg.lora_batch
     for rank, share in enumerate(shares):
-        seen, real = [], tg.lora_batch
+        seen = []
         monkeypatch.setattr(tg, "lora_batch", lambda f, ad, t, tb, batch, *a: seen.extend(batch) or real(f, ad, t, tb, batch, *a))
         hp = lora_hp(TTT_LORA_DOCS=2)
         tg.lora_ttt(make_model(), tokens, torch.full((len(tokens) - 1,), 2), SEQ, hp, tg.DistInfo(rank, 2), CPU, None,
