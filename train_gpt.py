@@ -363,20 +363,18 @@ ALIASES = {old: f"here it is {new}" for pair in _RENAMED.replace("\n", "; ").spl
     "DRY_RUN": "DRY_RUN=1 bash run.sh runs the cost model", "REHEARSAL": "REHEARSAL=1 bash run.sh rehearses",
     "TRAIN_TFLOPS": "experiments/ablate.py turns it into ITERATIONS",
     "QUANT_COMPARE": "see experiments/compare_exports.py"}
-# Knobs of arms that lost and were deleted, with the value that meant off (experiments/ablate.py resumes a
-# sweep whose stored runs had them off) and where the decision is.
-_REMOVED = {"crawler_arms 2026-11-24": "DELTA_NET_HEADS=0",
-            "issue 21, crawler_arms": "HELIX=0 HELIX_STRIDE=1 HELIX_DIM=32 HELIX_MODE=linear LOOP_SMEAR=0 "
-                                      "CRAWLER_LOOP_ROPE_SCALES=",
-            "issue 21, no gain shown": "REPLAY_BATCHES=0 REPLAY_EPOCHS=2 REPLAY_LR_SCALE=0.1 DISTILL_STEPS=0 "
-                                       "DISTILL_TEMPERATURE=2.0 DISTILL_ALPHA=0.7 DISTILL_LR_SCALE=0.05 "
-                                       "INST_DIM=0 QAT_CRAWLER_ONLY=0 CRAWLER_QUANT_INT8=0 CHOKE_GROUPS=4",
-            "issue 28, train_sampling: windows in a random order won": "TRAIN_SAMPLING=shuffled",
-            "issue 21, arms_9seeds": "TAP_DIM=0 TAP_LAYERS=all TAP_PER_LOOP=1 DELIBERATION=0",
-            "issue 21, the records replaced it by the EMA": "SWA_EVERY=0 SWA_START_SCALE=0.2",
-            "quant_budget and quant, 2026-11-23": "QUANT_CLIP=sdclip COMPRESSOR=brotli"}
-REMOVED_KNOBS = {k: (off, f"its arm was deleted: experiments/LOG.md, {why}") for why, knobs in
-                 _REMOVED.items() for k, off in (kv.split("=") for kv in knobs.split())}
+# Knobs of arms that lost and were deleted (experiments/LOG.md has each decision: DELTA_NET_HEADS
+# crawler_arms 2026-11-24; HELIX*, LOOP_SMEAR, CRAWLER_LOOP_ROPE_SCALES issue 21, crawler_arms; REPLAY_*,
+# DISTILL_*, INST_DIM, QAT_CRAWLER_ONLY, CRAWLER_QUANT_INT8, CHOKE_GROUPS issue 21, no gain shown;
+# TRAIN_SAMPLING issue 28, train_sampling; TAP_*, DELIBERATION issue 21, arms_9seeds; SWA_* issue 21, the
+# records replaced it by the EMA; QUANT_CLIP, COMPRESSOR quant_budget and quant, 2026-11-23). The value that
+# meant off, which experiments/ablate.py needs to resume a sweep whose stored runs had them off, is
+# ablate.py's REMOVED_OFF.
+REMOVED_KNOBS = dict.fromkeys("""DELTA_NET_HEADS HELIX HELIX_STRIDE HELIX_DIM HELIX_MODE LOOP_SMEAR
+CRAWLER_LOOP_ROPE_SCALES REPLAY_BATCHES REPLAY_EPOCHS REPLAY_LR_SCALE DISTILL_STEPS DISTILL_TEMPERATURE
+DISTILL_ALPHA DISTILL_LR_SCALE INST_DIM QAT_CRAWLER_ONLY CRAWLER_QUANT_INT8 CHOKE_GROUPS TRAIN_SAMPLING
+TAP_DIM TAP_LAYERS TAP_PER_LOOP DELIBERATION SWA_EVERY SWA_START_SCALE QUANT_CLIP COMPRESSOR""".split(),
+                              "its arm was deleted: its decision is in experiments/LOG.md")
 # Set by platforms (schedulers, Kubernetes' downward API) with one of our prefixes: never knobs. (torchrun's
 # RANK, WORLD_SIZE, MASTER_ADDR ... look like none of ours: tests/test_hparams.py passes them.)
 FOREIGN_VARS = set("NUM_GPUS NUM_WORKERS NUM_NODES".split())
@@ -400,7 +398,7 @@ def reject_unknown_knobs(env: Mapping[str, str]) -> None:
         if var in known or var in FOREIGN_VARS:
             continue
         if name in ALIASES or name in REMOVED_KNOBS:
-            why = ALIASES.get(name) or REMOVED_KNOBS[name][1]
+            why = ALIASES.get(name) or REMOVED_KNOBS[name]
             raise HyperparameterError(f"{var}: not a knob of train_gpt.py; {why}")
         distance, closest = min((edits(name, k), k) for k in known)   # a 3-letter knob (TTT): one edit
         if distance <= (1 if len(closest) <= 3 else 2) or "_" in name and name.split("_")[0] in prefixes:
@@ -2064,17 +2062,17 @@ def autocast(device: torch.device):
 
 def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len: int, stride: int,
              batch_tokens: int, dinfo: DistInfo, device: torch.device, log: Logger | None = None,
-             ttt: Hyperparameters | None = None) -> tuple:
+             ttt: Hyperparameters | None = None, clock: Clock = Clock()) -> tuple:
     """(val_loss in nats/token, val_bpb) over `tokens`, windows split across ranks; with `ttt` (its TTT
     knobs), score-first test-time training. luts: the tokenizer's byte LUTs, or a byte sidecar: each
-    token's bytes of the original text."""
+    token's bytes of the original text. clock: the caller's, paused for TTT=lora's compile warm-up."""
     seq_len = min(seq_len, tokens.numel() - 1)
     windows = sliding_windows(tokens.numel(), seq_len, stride)
     batch = max(1, min(batch_tokens // (seq_len * dinfo.world_size), len(windows)))
     ids = tokens.to(device, torch.int64)   # tb: the bytes of each target (target j is token j + 1)
     tb = (target_bytes(ids[:-1], ids[1:], luts) if isinstance(luts, ByteLUTs) else luts[1:]).to(device)
     if ttt is not None and ttt.ttt.startswith("lora"):
-        sums = lora_ttt(model, tokens, tb, seq_len, ttt, dinfo, device, log)
+        sums = lora_ttt(model, tokens, tb, seq_len, ttt, dinfo, device, log, clock)
     elif ttt is not None:
         sums = score_first_ttt(model, tokens, tb, seq_len, windows, batch, ttt, dinfo, device, log)
     else:
@@ -2085,9 +2083,11 @@ def evaluate(model: nn.Module, tokens: Tensor, luts: ByteLUTs | Tensor, seq_len:
     return (sums[0] / sums[2]).item(), bits_per_byte(sums[0].item(), sums[1].item())
 
 def add_scores(sums: Tensor, nll: Tensor, targets: Tensor, tb: Tensor) -> None:
-    """Add (nll, bytes, count) of the scored positions; targets: each position's target index, -1 unscored."""
+    """Add (nll, bytes, count) of the scored positions; targets: each position's target index, -1 unscored.
+    Masks, not boolean indexing: no host sync."""
     keep = targets >= 0
-    sums += torch.stack([nll[keep].double().sum(), tb[targets[keep]].double().sum(), keep.sum().double()])
+    sums += torch.stack([nll.double().where(keep, 0).sum(), (tb[targets.clamp(min=0)] * keep).double().sum(),
+                         keep.sum().double()])
 
 def progress(log: Logger | None, what: str, done: int, total: int, sums: Tensor, t0: float) -> None:
     """A line at each tenth of the work: how far, scored tokens a second, the time left."""
@@ -2130,7 +2130,7 @@ def sgd_ttt(model: nn.Module, tokens: Tensor, end: int, seq_len: int, lr: float,
     scored). A step averages the gradient of TTT_BATCH_SEQS sequences of all ranks: any number of ranks, one
     maths."""
     chunk, params = hp.ttt_chunk_tokens, list(model.requires_grad_(True).parameters())
-    opt, n = torch.optim.SGD(params, lr=lr, momentum=hp.ttt_momentum), -(-end // hp.ttt_chunk_tokens)
+    opt, n = torch.optim.SGD(params, lr=lr, momentum=hp.ttt_momentum), -(-end // chunk)
     for p in params:   # zeros, not None: a rank with no sequence in a step still all-reduces
         p.grad = torch.zeros_like(p)
     for c in range(n):
@@ -2190,6 +2190,9 @@ class LoRA:
         self.A = [torch.empty(docs, fan_in, rank, device=device, requires_grad=True) for _ in range(slots)]
         self.B = [torch.empty(docs, rank, fan_out, device=device, requires_grad=True) for _ in range(slots)]
         self.scale, self.calls, self.on = 144 / rank, 0, False
+        # weights of fixed shape: a compiled pass takes any batch of up to `docs` rows
+        for t in (*self.A, *self.B):
+            torch._dynamo.mark_static(t)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -2223,49 +2226,70 @@ def lora_batch(forward: Callable, adapters: list[LoRA], tokens: Tensor, tb: Tens
                ) -> Tensor:
     """(nll, bytes, tokens) of a batch of documents, TTT_LORA_CHUNK targets of each at a time: scored in a
     window of at most seq_len of the document's own tokens, then its LoRA takes an AdamW step on their mean
-    loss."""
+    loss. Rows go longest first, so the documents still open are the first n rows: each chunk runs only them
+    (the LoRAs take their first n rows), at the longest open window, and the cost follows rows x window of
+    open documents. The geometry comes from the documents' lengths on the CPU: no host sync."""
     for a in adapters:
         a.reset()
     params = [t for a in adapters for t in (*a.A, *a.B)]
     opt = torch.optim.AdamW(params, hp.ttt_lora_lr, (0.0, 0.999), 1e-10, hp.ttt_lora_wd)
     sums, size = torch.zeros(3, dtype=torch.float64, device=device), hp.ttt_lora_chunk
-    firsts, ends = (torch.tensor(v)[:, None] for v in zip(*batch))
-    for c in range(-(-int((ends - firsts).max()) // size)):
-        lo, hi = firsts + c * size, torch.minimum(ends, firsts + (c + 1) * size)   # this chunk's targets
-        start = torch.maximum(firsts, hi - seq_len)                     # each row's window of targets
+    firsts, ends = (torch.tensor(v)[:, None] for v in zip(*sorted(batch, key=lambda d: d[0] - d[1])))
+    for c in range(-(-int(ends[0] - firsts[0]) // size)):
+        n = int((ends - firsts > c * size).sum())                          # the documents still open
+        firsts, ends = firsts[:n], ends[:n]
+        lo, hi = firsts + c * size, torch.minimum(ends, firsts + (c + 1) * size)     # this chunk's targets
+        start = torch.maximum(firsts, hi - seq_len)                          # each row's window of targets
         idx = start + torch.arange(int((hi - start).max()))
-        x, y = (tokens[idx.clamp(max=tokens.numel() - 2) + k].to(device, torch.int64) for k in (0, 1))
-        scored = (idx >= lo) & (idx < hi)
+        x, y = (tokens[idx.clamp(max=tokens.numel() - 2) + k].to(device, torch.int64, non_blocking=True)
+                for k in (0, 1))
+        scored, train = (idx >= lo) & (idx < hi), hi < ends   # train: documents with targets to come
         for a in adapters:   # every forward pass starts at slot 0 (and a compiled one sees the same state)
             a.calls = 0
         with autocast(device):
             nll = forward(x, y, per_token=True, head=adapters[0])
-        add_scores(sums, nll.detach(), torch.where(scored, idx, -1).to(device), tb)
-        train = (scored & (hi < ends)).to(device)                       # documents with targets to come
-        if train.any():
+        add_scores(sums, nll.detach(), torch.where(scored, idx, -1).to(device, non_blocking=True), tb)
+        if train.any():   # a training row scores a whole chunk: its mean is its sum / size
             opt.zero_grad(set_to_none=True)
-            ((nll * train).sum(1) / train.sum(1).clamp_min(1)).sum().backward()
+            (nll * (scored & train).to(device, non_blocking=True)).sum().div(size).backward()
             opt.step()
     return sums
 
 def lora_ttt(model: nn.Module, tokens: Tensor, tb: Tensor, seq_len: int, hp: Hyperparameters, dinfo: DistInfo,
-             device: torch.device, log: Logger | None = None) -> Tensor:
+             device: torch.device, log: Logger | None, clock: Clock) -> Tensor:
     """TTT=lora, legal by construction: every document is scored alone by lora_batch, each target before any
-    step on it. The documents of a rank go in batches of similar length; as each starts from the same
-    adapters, the score does not depend on the batching or the number of ranks. lora+phased: the first
-    TTT_PHASE_DOCS documents are scored in TTT_PHASES segments, and after each one all ranks train the model
-    itself by SGD on every target scored so far (all documents before the boundary: a prefix of the stream),
-    then go on. With COMPILE on, the LoRA pass is compiled once, its shapes dynamic."""
+    step on it. The documents go to the ranks in one longest-first order, in batches of similar length; as
+    each starts from the same adapters, the score does not depend on the batching or the number of ranks.
+    lora+phased: the first TTT_PHASE_DOCS documents are scored in TTT_PHASES segments, and after each one all
+    ranks train the model itself by SGD on every target scored so far (all documents before the boundary: a
+    prefix of the stream), then go on. With COMPILE on, the LoRA pass is compiled once for every batch and window size and
+    warmed up on dummy tokens before the scored pass, the clock paused (as the records' warm-up, before their
+    timer): lora_batch resets the adapters, so the warm-up leaves nothing behind."""
     raw, docs = getattr(model, "_orig_mod", model), documents(tokens)   # the module: hooks on its blocks
     n = min(hp.ttt_phase_docs, len(docs)) if hp.ttt == "lora+phased" else 0
     phases = sorted({n * k // hp.ttt_phases for k in range(1, hp.ttt_phases + 1)} - {0, len(docs)})
-    sums, t0 = torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
     adapters, hooks = attach_lora(raw, hp.ttt_lora_docs, hp, device)
-    forward = torch.compile(raw, backend=hp.compile_backend, dynamic=True) if hp.use_compile(device) else raw
+    forward, size, t0 = raw, hp.ttt_lora_chunk, time.perf_counter()
+    if hp.use_compile(device):
+        forward = torch.compile(raw.requires_grad_(False), backend=hp.compile_backend, dynamic=True)
+        # the warm-up, on zeros (not val tokens): one document of 4 chunks, the rest of 2, so every batch size
+        # down to one open row, with and without a step
+        with clock.paused():
+            dummy = [(0, 4 * size)] + [(0, 2 * size)] * (hp.ttt_lora_docs - 1)
+            lora_batch(forward, adapters, torch.zeros(4 * size + 1, dtype=torch.int64),
+                       torch.zeros(4 * size, device=device), dummy, seq_len, hp, device)
+        if log:
+            log.kv(ttt_warmup_seconds=f"{time.perf_counter() - t0:.1f}")
+    sums, t0 = torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
     try:
         for a, b in zip([0, *phases], [*phases, len(docs)]):
             raw.requires_grad_(False)
-            mine = sorted(docs[a:b][dinfo.rank::dinfo.world_size], key=lambda d: d[1] - d[0])
+            # one longest-first order for all ranks (stable: ties in stream order), dealt back and forth
+            # (ranks 0..W-1, then W-1..0): the work, rows x window, falls off with length, so each pair of
+            # rounds evens out
+            w = 2 * dinfo.world_size
+            mine = [d for i, d in enumerate(sorted(docs[a:b], key=lambda d: d[0] - d[1]))
+                    if dinfo.rank in (i % w, w - 1 - i % w)]
             batches = [mine[i:i + hp.ttt_lora_docs] for i in range(0, len(mine), hp.ttt_lora_docs)]
             for i, batch in enumerate(batches, 1):
                 sums += lora_batch(forward, adapters, tokens, tb, batch, seq_len, hp, device)
@@ -2306,13 +2330,14 @@ def score_artifact(path: Path, hp: Hyperparameters, data: RunData, dinfo: DistIn
     for label, stride in (("post_quant", seq), ("sliding", stride), ("ttt", stride)):
         if label == "sliding" and stride == seq or label == "ttt" and hp.ttt == "off":
             continue
-        t0 = time.perf_counter()
-        loss, bpb = evaluate(model, data.val_tokens, data.luts, seq, stride, hp.val_batch_size, dinfo, device,
-                             log, hp if label == "ttt" else None)
+        clock = Clock()   # the scored seconds: TTT=lora's compile warm-up is off it (ttt_warmup_seconds)
+        with clock.running():
+            loss, bpb = evaluate(model, data.val_tokens, data.luts, seq, stride, hp.val_batch_size, dinfo,
+                                 device, log, hp if label == "ttt" else None, clock)
         out.update({f"{label}_val_loss": loss, f"{label}_val_bpb": bpb})
-        spent = time.perf_counter() - t0
-        log.kv(**{f"{label}_val_loss": loss, f"{label}_val_bpb": f"{bpb:.6f}", f"{label}_eval_seconds":
-                  f"{spent:.1f}", f"{label}_s_per_mtok": f"{spent * 1e6 / data.val_tokens.numel():.1f}"})
+        spent = clock.seconds
+        log.kv(**{f"{label}_val_loss": loss, f"{label}_val_bpb": f"{bpb:.6f}",
+                  f"{label}_eval_seconds": f"{spent:.1f}"})
     last = next(k for k in ("ttt", "sliding", "post_quant") if f"{k}_val_bpb" in out)
     return {"post_quant_val_bpb": out["post_quant_val_bpb"], "val_bpb": out[f"{last}_val_bpb"],
             "val_loss": out[f"{last}_val_loss"]}

@@ -33,6 +33,13 @@ from scipy import stats
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]          # the repo root, where train_gpt.py lives
+# The value that meant off of each knob deleted with its arm (train_gpt.REMOVED_KNOBS names them and where the
+# decision is): a sweep whose stored runs had one at this value resumes without it.
+REMOVED_OFF = dict(kv.split("=") for kv in """DELTA_NET_HEADS=0 HELIX=0 HELIX_STRIDE=1 HELIX_DIM=32 HELIX_MODE=linear
+LOOP_SMEAR=0 CRAWLER_LOOP_ROPE_SCALES= REPLAY_BATCHES=0 REPLAY_EPOCHS=2 REPLAY_LR_SCALE=0.1 DISTILL_STEPS=0
+DISTILL_TEMPERATURE=2.0 DISTILL_ALPHA=0.7 DISTILL_LR_SCALE=0.05 INST_DIM=0 QAT_CRAWLER_ONLY=0 CRAWLER_QUANT_INT8=0
+CHOKE_GROUPS=4 TRAIN_SAMPLING=shuffled TAP_DIM=0 TAP_LAYERS=all TAP_PER_LOOP=1 DELIBERATION=0 SWA_EVERY=0
+SWA_START_SCALE=0.2 QUANT_CLIP=sdclip COMPRESSOR=brotli""".split())
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
 from experiments.cost_model import budget_steps  # noqa: E402
@@ -355,7 +362,7 @@ class Sweep:
         for name in sorted(set(self.rows.arm[self.rows.status == "ok"]) & set(self.records) & set(stored)):
             old, new = stored[name]["env"], self.records[name]["env"]
             if diff := [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)
-                        and not (k not in new and old.get(k) == train_gpt.REMOVED_KNOBS.get(k, (None,))[0])]:
+                        and not (k not in new and old.get(k) == REMOVED_OFF.get(k))]:
                 raise ValidationError(f"arm {name!r} has finished runs in {_rel(self.results)} made with another "
                                       f"config ({'; '.join(diff)}): move the folder aside or restore the settings")
         caller = set(env.get("ABLATE_CALLER_VARS", "").split()) & set(train_gpt.knob_names())   # from profile.sh

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import heapq
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,21 +50,35 @@ VAL_TOKENS = {1024: FINEWEB_VAL_TOKENS, 8192: 40_540_160}   # the records' logs;
 # beyond the scoring, where the FLOPs take 6.07 and 6.83 s: 0.0289 and 0.0277 of peak, 0.0283 (small steps,
 # an all-reduce of every weight each). tests/test_cost_model.py checks both records within 10%.
 EVAL_MFU, TTT_MFU = 0.22, 0.0283
-# TTT=lora: the 2026-04-27 record's per-document LoRA pass took 424.4 s (508.8 s of phased TTT less its three
-# global SGD phases, 16.6 + 29.8 + 38.0 s by its ttpp/ttpr lines) for 47,851,520 val tokens: 158 times the
-# seconds its training FLOPs at the val tokens take at 100% (windows re-read as they slide by 48-token chunks).
-# Out of sample, the 2026-04-10 record's LoRA pass (338.2 s, 40,540,160 tokens, 32-token chunks) is projected
-# within 7% (tests/test_cost_model.py). Its phases trained 20.9M tokens (639 chunks of 32,768) in 84.4 s: 1.39%
-# of peak (the 2026-04-13 record's one phase: 49.8 s measured, 28 s projected). Both rates are the records'
-# compiled code: this script's LoRA pass runs eagerly (experiments/LOG.md, issue 24), so they are a lower bound.
-LORA_TTT_RATE, PHASE_MFU, VAL_DOCS = 158.0, 0.0139, 50_000
+CASEOPS_VAL_TOKENS = 47_851_520   # VARIANT=caseops (the 2026-04-27 record's data): its README's val targets
+# TTT=lora, a work model: a document costs the LoRA pass rows x window tokens, a row a chunk while it is open, at
+# the chunk's window (work_ours mirrors train_gpt.lora_batch, work_record the record's own batches). Each rank's
+# seconds are its work at LORA_MFU of a GPU's peak (training FLOPs a token at EVAL_SEQ_LEN); the pass takes its
+# critical path: the slowest rank of each phase segment (the phases wait for every rank), summed.
+# LORA_MFU is the 2026-04-27 record's: its LoRA pass took 424.4 s (508.8 s of phased TTT less its three global
+# SGD phases, 16.6 + 29.8 + 38.0 s by its ttpp/ttpr lines) on 47,851,520 tokens, its own schedule (record_path:
+# one longest-first queue of 64-document batches that the 8 ranks claim, every row of a batch run at each chunk
+# until its longest document ends, 48-token chunks, windows up to 2048, a pause at each phase boundary) on the
+# length model; tests/test_cost_model.py refits it. Its phases trained 20.9M tokens (639 chunks of 32,768) in
+# 84.4 s: PHASE_MFU 1.39% of peak (the 2026-04-13 record's one phase: 49.8 s measured, 28 s projected).
+LORA_MFU, PHASE_MFU, VAL_DOCS = 0.1170, 0.0139, 50_000
+RECORD_LORA_SECONDS, RECORD_PHASE_DOCS = 424.4, 2500
+# The length model, without a val shard: 50,000 log-normal document lengths (seeded) scaled to the val tokens
+# (CaseOps: 957 a document). Sigma 0.8 is the one the 2026-04-27 record's phases imply: its prefix, the 2,500
+# longest documents, held ~20% of the tokens, and its three phases trained 639 chunks of 32,768 tokens (the
+# longest 833, 1,666 and 2,500 documents); sigma 0.8 gives 20.0% and 648 chunks (0.7: 17.3%, 553; 0.9: 22.9%,
+# 754). The tail matters: the longest document (~30k tokens) is the one batch a rank cannot share.
+DOC_SIGMA = 0.8
+# The compile warm-up runs before the scored pass, off its clock, as the records' did: theirs took 137-156 s
+# (the 2026-04-27 record's logs; their figure, not a projection of ours), so DRY_RUN prints their worst.
+TTT_WARMUP_SECONDS = 156.0
 # Trained rows compress better than Gaussian ones at the same SDClip k (heavier tails: more values near 0). One
 # real artifact sets the ratio: the 2026-04-05 record (k 12.85 matrices, 20 for its int8 GPTQ'd embedding, sp8192)
 # packed 15,970,162 model bytes (mean of its 5 logs); at its knobs (tests/test_cost_model.py) the Gaussian rows
 # give 16,658,992. Out of sample: 2026-04-09 (3 looped layers, parallel residuals) within 0.1%; 2026-04-27
 # (int7 embedding, per-role clips, LQER, its own per-group compressor) +2.0%.
 TRAINED_OVER_GAUSSIAN = 15_970_162 / 16_658_992
-TOOL_VARS = ("DRY_RUN", "POD_GPUS")   # this tool's own variables, never train_gpt.py's knobs
+TOOL_VARS = ("DRY_RUN", "POD_GPUS", "VARIANT")   # this tool's own variables (run.sh's VARIANT: the data)
 
 
 def meta_model(hp: tg.Hyperparameters) -> tg.CrawlerGPT:
@@ -147,30 +164,153 @@ def activation_bytes_per_token(hp: tg.Hyperparameters) -> float:
 EVAL_BUDGET_S = 600.0
 
 
-def pod_cost(hp: tg.Hyperparameters, gpus: int = 8) -> dict:
+def val_token_count(hp: tg.Hyperparameters, variant: str = "") -> int:
+    """The val targets the pod scores: CaseOps' for VARIANT=caseops, else the vocabulary's (the records' logs)."""
+    return CASEOPS_VAL_TOKENS if variant == "caseops" else VAL_TOKENS.get(hp.vocab_size, FINEWEB_VAL_TOKENS)
+
+
+@functools.lru_cache(maxsize=8)
+def length_model(val_tokens: int, docs: int = VAL_DOCS, sigma: float = DOC_SIGMA) -> tuple[int, ...]:
+    """`docs` log-normal document lengths (targets; seed 0) that sum to about val_tokens, in stream order."""
+    x = np.random.default_rng(0).lognormal(0.0, sigma, docs)
+    return tuple(int(n) for n in np.maximum(1, np.round(x * val_tokens / x.sum())))
+
+
+def doc_lengths(hp: tg.Hyperparameters, val_tokens: int) -> tuple[tuple[int, ...], str]:
+    """The val documents' lengths in stream order (targets, as train_gpt.documents), and where they come from:
+    the val shards at DATA_PATH when they are here, else the length model at val_tokens."""
+    files = sorted(Path(hp.data_path).glob(hp.val_files))
+    if not files:
+        return length_model(val_tokens), f"lognormal_sigma{DOC_SIGMA}"
+    tokens = torch.cat([tg.load_data_shard(f) for f in files])
+    return tuple(b - a for a, b in tg.documents(tokens)), "val_shards"
+
+
+def work_ours(lengths: list[int], size: int, seq: int) -> int:
+    """Rows x window tokens of one batch in train_gpt.lora_batch: each chunk runs the documents still open, at
+    the longest open window (its targets so far, at most seq)."""
+    n = np.sort(np.asarray(lengths))[::-1]
+    c = np.arange(-(-int(n[0]) // size))
+    rows = (-(-n[:, None] // size) > c).sum(0)
+    return int((rows * np.minimum(np.minimum((c + 1) * size, int(n[0])), seq)).sum())
+
+
+def work_record(lengths: list[int], size: int, seq: int) -> int:
+    """Rows x window tokens of one batch in the 2026-04-27 record's eval_val_ttt_phased: every row, finished
+    or not, at every chunk up to its longest document's last, at a window of min((chunk + 1) size, seq)."""
+    c = np.arange(-(-max(lengths) // size))
+    return len(lengths) * int(np.minimum((c + 1) * size, seq).sum())
+
+
+def ttt_segments(hp: tg.Hyperparameters, docs: int) -> list[tuple[int, int]]:
+    """The phase segments [a, b) of the stream's documents, as train_gpt.lora_ttt cuts them."""
+    n = min(hp.ttt_phase_docs, docs) if hp.ttt == "lora+phased" else 0
+    cuts = sorted({n * k // hp.ttt_phases for k in range(1, hp.ttt_phases + 1)} - {0, docs})
+    return list(zip([0, *cuts], [*cuts, docs]))
+
+
+def ttt_shares(docs: list[tuple[int, int]], world: int) -> list[list[tuple[int, int]]]:
+    """Each rank's documents as train_gpt.lora_ttt deals them: one longest-first order for all ranks (ties in
+    stream order), dealt back and forth (ranks 0..W-1, then W-1..0)."""
+    order, w = sorted(docs, key=lambda d: d[0] - d[1]), 2 * world
+    return [[d for i, d in enumerate(order) if r in (i % w, w - 1 - i % w)] for r in range(world)]
+
+
+def ours_path(hp: tg.Hyperparameters, lengths: tuple[int, ...], gpus: int) -> tuple[float, float]:
+    """(critical path, ideal) in rows x window tokens of our LoRA pass: in each phase segment the documents go
+    to the ranks by ttt_shares, each rank's in batches of TTT_LORA_DOCS; the segment takes its slowest rank
+    (the phase after it waits for all). Ideal: all the work over the ranks."""
+    ends = np.cumsum(lengths).tolist()
+    docs = list(zip([0, *ends[:-1]], ends))
+    size, batch, crit, total = hp.ttt_lora_chunk, hp.ttt_lora_docs, 0, 0
+    for a, b in ttt_segments(hp, len(docs)):
+        loads = [sum(work_ours([e - f for f, e in mine[i:i + batch]], size, hp.eval_seq_len)
+                     for i in range(0, len(mine), batch))
+                 for mine in ttt_shares(docs[a:b], gpus)]
+        crit, total = crit + max(loads), total + sum(loads)
+    return crit, total / gpus
+
+
+def record_path(lengths: tuple[int, ...], gpus: int = 8, size: int = 48, seq: int = 2048, batch: int = 64,
+                prefix: int = RECORD_PHASE_DOCS, phases: int = 3) -> tuple[float, float]:
+    """(critical path, ideal) in rows x window tokens of the 2026-04-27 record's LoRA pass: its documents
+    sorted by length into batches of 64, longest batch first, claimed from one queue by whichever rank is free;
+    once `prefix` * k / phases documents are scored, each rank finishes its batch and all wait (the phase)."""
+    order = sorted(lengths)
+    batches = sorted((order[i:i + batch] for i in range(0, len(order), batch)), key=lambda b: -b[-1])
+    cost = [work_record(b, size, seq) for b in batches]
+    bounds = [prefix * (k + 1) // phases for k in range(phases)] if prefix else []   # no prefix: no pauses
+    phases = len(bounds)
+    busy = [(cost[r], r, r) for r in range(min(gpus, len(cost)))]   # (ends at, rank, batch)
+    free, claimed, done, phase = [], len(busy), 0, 0
+    heapq.heapify(busy)
+    clock = 0.0
+    while busy:
+        clock, r, b = heapq.heappop(busy)
+        if phase < phases:
+            done += len(batches[b])
+        if phase < phases and done >= bounds[phase]:   # the pause flag: ranks stop as their batch ends
+            free.append(r)
+            if busy:
+                continue
+            phase += 1
+            waiting, free = free, []
+        else:
+            waiting = [r]
+        for r in waiting:
+            if claimed < len(cost):
+                heapq.heappush(busy, (clock + cost[claimed], r, claimed))
+                claimed += 1
+    return clock, sum(cost) / gpus
+
+
+def lora_seconds(hp: tg.Hyperparameters, work: float) -> float:
+    """Seconds of `work` rows x window tokens on one GPU at LORA_MFU (training FLOPs a token at EVAL_SEQ_LEN)."""
+    return work * flops_per_token(hp, hp.eval_seq_len) / (H100_BF16_FLOPS * LORA_MFU)
+
+
+def pod_cost(hp: tg.Hyperparameters, gpus: int = 8, variant: str = "") -> dict:
     """ms/step, steps in the budget, activation memory per GPU, eval seconds: the plain and sliding passes,
-    and with TTT its scoring pass plus TTT_EPOCHS of training over the val tokens (at training FLOPs/token)."""
+    and with TTT its scored pass (sgd: its scoring plus TTT_EPOCHS of training over the val tokens; lora: the
+    work model's critical path plus the phases), its compile warm-up beside it (off the clock)."""
     train_flops = flops_per_token(hp, hp.train_seq_len)
     step_s = mean_step_seconds(hp, gpus)
-    val_tokens = VAL_TOKENS.get(hp.vocab_size, FINEWEB_VAL_TOKENS)
+    val_tokens = val_token_count(hp, variant)
     windows = val_tokens / hp.eval_stride
     eval_flops = flops_per_token(hp, hp.eval_seq_len, train=False) * hp.eval_seq_len * windows
-    return {"flops_per_token": train_flops, "pod_ms_per_step": 1000 * step_s,
-            "pod_steps": int(hp.train_time_cap / step_s) if hp.train_time_cap else hp.iterations,
-            "activation_gib_per_gpu": activation_bytes_per_token(hp) / 2 * hp.train_batch_tokens
-            / hp.accum_splits / 2**30, "pod_eval_seconds": eval_flops / (gpus * H100_BF16_FLOPS * EVAL_MFU),
-            "pod_ttt_seconds": ttt_seconds(hp, val_tokens, eval_flops, gpus)}
+    out = {"flops_per_token": train_flops, "pod_ms_per_step": 1000 * step_s,
+           "pod_steps": int(hp.train_time_cap / step_s) if hp.train_time_cap else hp.iterations,
+           "activation_gib_per_gpu": activation_bytes_per_token(hp) / 2 * hp.train_batch_tokens
+           / hp.accum_splits / 2**30, "pod_eval_seconds": eval_flops / (gpus * H100_BF16_FLOPS * EVAL_MFU),
+           "pod_ttt_seconds": 0.0}
+    if hp.ttt == "sgd":
+        out["pod_ttt_seconds"] = ttt_seconds(hp, val_tokens, eval_flops, gpus)
+    elif hp.ttt != "off":
+        lengths, source = doc_lengths(hp, val_tokens)
+        crit, ideal = ours_path(hp, lengths, gpus)
+        lora, phases = lora_seconds(hp, crit), phase_seconds(hp, sum(lengths), gpus)
+        out.update(pod_ttt_seconds=lora + phases, pod_ttt_lora_seconds=lora, pod_ttt_phase_seconds=phases,
+                   ttt_critical_over_ideal=crit / ideal, ttt_val_tokens=sum(lengths), ttt_doc_lengths=source,
+                   pod_ttt_warmup_seconds=TTT_WARMUP_SECONDS)
+    return out
+
+
+def phase_seconds(hp: tg.Hyperparameters, val_tokens: int, gpus: int = 8) -> float:
+    """lora+phased: one epoch of SGD over the scored prefix after each phase (TTT_PHASE_DOCS of the 50,000)."""
+    prefix = val_tokens * min(hp.ttt_phase_docs, VAL_DOCS) / VAL_DOCS if hp.ttt == "lora+phased" else 0
+    phases = sum(prefix * k / hp.ttt_phases for k in range(1, hp.ttt_phases + 1))
+    return phases * flops_per_token(hp, hp.eval_seq_len) / (gpus * H100_BF16_FLOPS * PHASE_MFU)
 
 
 def ttt_seconds(hp: tg.Hyperparameters, val_tokens: int, eval_flops: float, gpus: int) -> float:
-    """TTT=sgd: its scoring pass plus TTT_EPOCHS of training over the val tokens. TTT=lora: the records' rate a
-    val token; +phased: one epoch over the scored prefix after each phase (TTT_PHASE_DOCS of the 50,000)."""
-    peak, train = gpus * H100_BF16_FLOPS, flops_per_token(hp, hp.eval_seq_len)
+    """TTT=sgd: its scoring pass plus TTT_EPOCHS of training over the val tokens. TTT=lora: the work model on
+    the length model at val_tokens, plus the phases."""
+    if hp.ttt == "off":
+        return 0.0
     if hp.ttt == "sgd":
+        peak, train = gpus * H100_BF16_FLOPS, flops_per_token(hp, hp.eval_seq_len)
         return eval_flops / (peak * EVAL_MFU) + hp.ttt_epochs * val_tokens * train / (peak * TTT_MFU)
-    prefix = val_tokens * min(hp.ttt_phase_docs, VAL_DOCS) / VAL_DOCS if hp.ttt == "lora+phased" else 0
-    phases = sum(prefix * k / hp.ttt_phases for k in range(1, hp.ttt_phases + 1))
-    return 0.0 if hp.ttt == "off" else LORA_TTT_RATE * val_tokens * train / peak + phases * train / (peak * PHASE_MFU)
+    return lora_seconds(hp, ours_path(hp, length_model(val_tokens), gpus)[0]) + phase_seconds(hp, val_tokens, gpus)
 
 
 def raw_model_bytes(model: tg.CrawlerGPT, hp: tg.Hyperparameters) -> int:
@@ -182,7 +322,7 @@ def raw_model_bytes(model: tg.CrawlerGPT, hp: tg.Hyperparameters) -> int:
     return total
 
 
-def dry_run(hp: tg.Hyperparameters, gpus: int = 8, log=print) -> dict:
+def dry_run(hp: tg.Hyperparameters, gpus: int = 8, log=print, variant: str = "") -> dict:
     """The artifact the cap implies and the pod's bill. Bytes: SDClip's fit on Gaussian rows (an SDClip grid's
     bytes depend on the shape of a row's distribution, not its scale; trained rows are a little heavier-tailed,
     which compresses a little better at the same k)."""
@@ -217,13 +357,16 @@ def dry_run(hp: tg.Hyperparameters, gpus: int = 8, log=print) -> dict:
     out = {"unique_params": tg.count_unique_params(model), "effective_depth": hp.effective_depth, "quant_k": k,
            "relative_mse": mse, "bytes_model_estimate": model_bytes, "bytes_code": code,
            "bytes_code_source": len(tg.source_bytes()), "bytes_total_estimate": model_bytes + code,
-           **pod_cost(hp, gpus), "export_seconds_estimate": curve_s + 2 * pack_s}
+           **pod_cost(hp, gpus, variant), "export_seconds_estimate": curve_s + 2 * pack_s}
     out["fits"] = out["bytes_total_estimate"] <= hp.size_limit
     plain = hp.eval_stride / hp.eval_seq_len if hp.eval_stride < hp.eval_seq_len else 0.0   # its share of windows
     eval_s = out["pod_eval_seconds"] * (1 + plain) + out["pod_ttt_seconds"]
+    warmup = out.pop("pod_ttt_warmup_seconds", 0.0)
+    out.update(pod_scored_eval_seconds=eval_s, pod_ttt_warmup_seconds=warmup)   # printed side by side
     if eval_s > EVAL_BUDGET_S:
-        log(f"warning: the evaluation is projected at {eval_s:.0f} s, over the {EVAL_BUDGET_S:.0f} s budget "
-            "(plain + sliding + TTT) — fewer TTT_EPOCHS, a larger EVAL_STRIDE or a smaller model")
+        log(f"error: the evaluation is projected at {eval_s:.0f} s, over the {EVAL_BUDGET_S:.0f} s budget "
+            f"(plain + sliding + TTT, scored; the {warmup:.0f} s compile warm-up before it is off the clock) — "
+            "fewer TTT_EPOCHS, a larger EVAL_STRIDE or a smaller model")
     log(" ".join(f"{k}:{v:.4g}" if isinstance(v, float) else f"{k}:{v}" for k, v in {
         "dry_run": 1, **out, "cap": hp.size_limit, "headroom": hp.size_limit - out["bytes_total_estimate"],
         "estimate": f"gaussian_rows_x{TRAINED_OVER_GAUSSIAN:.4f}_trained", "pod": f"{gpus}xH100_mfu{POD_MFU}_overhead"
@@ -304,7 +447,7 @@ def main(argv: list[str] | None = None, environ: dict | None = None) -> dict:
         hp = tg.Hyperparameters.from_env({k: v for k, v in env.items() if k not in TOOL_VARS})
     except tg.GolfError as err:
         raise SystemExit(f"error: {err}") from None
-    return dry_run(hp, args.gpus)
+    return dry_run(hp, args.gpus, variant=env.get("VARIANT", ""))
 
 
 if __name__ == "__main__":

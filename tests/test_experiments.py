@@ -307,7 +307,7 @@ def test_resume_refuses_a_changed_config(tmp_path, fake, capsys):
 
 
 def test_resume_ignores_a_deleted_knob_that_was_off(tmp_path, fake, capsys):
-    assert train_gpt.REMOVED_KNOBS["DELTA_NET_HEADS"][0] == "0"
+    assert ablate.REMOVED_OFF["DELTA_NET_HEADS"] == "0" and set(ablate.REMOVED_OFF) == set(train_gpt.REMOVED_KNOBS)
     exp = make_experiment(tmp_path, ["control\tc\t-", "rtn\tr\tQUANT=rtn"])
     assert sweep(exp, env_for(fake))[0] == 0
     meta_path = exp / "results" / "sweep.json"

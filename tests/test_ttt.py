@@ -325,3 +325,89 @@ def test_compiled_lora_pass_scores_as_the_eager_one(mode="lora+phased"):
     finally:
         torch._dynamo.reset()
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_lora_chunks_run_only_the_open_documents(monkeypatch):
+    """Compaction: each chunk's forward gets only the documents of its batch still open (the rows, longest first)
+    at the longest open window, so the pass costs rows x window of open documents, the cost model's work_ours;
+    a finished document costs nothing more. Every target is still scored once, and the score is the same as in
+    batches of one (test_lora_score_does_not_depend_on_the_batching)."""
+    from experiments import cost_model as cm
+    shapes, real = [], tg.CrawlerGPT.forward
+
+    def forward(self, ids, targets, per_token=False, loops=None, head=None):
+        shapes.append(tuple(ids.shape))
+        return real(self, ids, targets, per_token, loops, head)
+    monkeypatch.setattr(tg.CrawlerGPT, "forward", forward)
+    tokens = doc_stream()
+    run(tokens, lora_hp())
+    mine = cm.ttt_shares(tg.documents(tokens), 1)[0]
+    expected, work, padded = [], 0, 0
+    for i in range(0, len(mine), 3):
+        lens = sorted((b - a for a, b in mine[i:i + 3]), reverse=True)
+        for c in range(-(-lens[0] // LORA_CHUNK)):
+            expected.append((sum(n > c * LORA_CHUNK for n in lens), min((c + 1) * LORA_CHUNK, lens[0], SEQ)))
+            padded += len(lens) * expected[-1][1]
+        work += cm.work_ours(lens, LORA_CHUNK, SEQ)
+    assert shapes == expected
+    assert sum(r * w for r, w in shapes) == work < padded     # all rows at every chunk would cost `padded`
+
+
+def test_lora_ranks_take_their_share_of_one_longest_first_order(monkeypatch):
+    """Every rank deals the same longest-first order, back and forth: rank r scores exactly the cost model's
+    share r (experiments/cost_model.ttt_shares), longest first, and the shares hold every document once."""
+    from experiments import cost_model as cm
+    tokens, docs = doc_stream(), tg.documents(doc_stream())
+    shares = cm.ttt_shares(docs, 2)
+    assert sorted(d for s in shares for d in s) == docs
+    real = tg.lora_batch
+    for rank, share in enumerate(shares):
+        seen = []
+        monkeypatch.setattr(tg, "lora_batch", lambda f, ad, t, tb, batch, *a: seen.extend(batch) or real(f, ad, t, tb, batch, *a))
+        hp = lora_hp(TTT_LORA_DOCS=2)
+        tg.lora_ttt(make_model(), tokens, torch.full((len(tokens) - 1,), 2), SEQ, hp, tg.DistInfo(rank, 2), CPU, None,
+                    tg.Clock())
+        assert seen == share and [b - a for a, b in share] == sorted((b - a for a, b in share), reverse=True)
+
+
+def compile_counting(monkeypatch):
+    """torch.compile with aot_eager behind a backend that counts the graphs Dynamo compiles."""
+    from torch._dynamo.backends.registry import lookup_backend
+    graphs, real, aot = [], torch.compile, lookup_backend("aot_eager")
+
+    def backend(gm, inputs):
+        graphs.append(len(inputs))
+        return aot(gm, inputs)
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=backend, dynamic=kw["dynamic"]))
+    return graphs
+
+
+def test_compiled_lora_pass_is_warmed_up_off_the_clock_and_never_recompiles(monkeypatch):
+    """With COMPILE on, the LoRA pass compiles before the scored pass: one lora_batch on dummy tokens (not the val
+    stream), every batch size down to one open row, with the caller's clock paused; the scored pass then compiles
+    nothing more (the graphs serve every batch size and window). The warm-up leaves nothing behind: with a
+    pass-through compile the score is the eager one exactly."""
+    import torch._dynamo
+    tokens, calls, clock = doc_stream(), [], tg.Clock()
+    graphs, real = compile_counting(monkeypatch), tg.lora_batch
+
+    def lora_batch(forward, adapters, toks, tb, batch, seq_len, hp, device):
+        calls.append((toks is tokens, clock.since is None, len(batch), len(graphs)))
+        out = real(forward, adapters, toks, tb, batch, seq_len, hp, device)
+        calls[-1] += (len(graphs),)
+        return out
+    monkeypatch.setattr(tg, "lora_batch", lora_batch)
+    torch._dynamo.reset()
+    try:
+        hp = lora_hp("lora+phased", COMPILE=1, COMPILE_BACKEND="aot_eager")
+        with clock.running():
+            tg.evaluate(make_model(), tokens, flat_luts(), SEQ, STRIDE, 256, tg.DistInfo(), CPU, None, hp, clock)
+    finally:
+        torch._dynamo.reset()
+    (val, paused, rows, _, warm), *scored = calls
+    assert not val and paused and rows == 3 and warm >= 1            # the warm-up: dummy tokens, clock paused
+    assert all(v and not p for v, p, *_ in scored) and len(scored) >= 4
+    assert len(graphs) == warm                                       # nothing compiled once the scoring began
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)   # warm-up on, compile a no-op
+    monkeypatch.setattr(tg, "lora_batch", real)
+    assert run(tokens, lora_hp("lora+phased", COMPILE=1)) == run(tokens, lora_hp("lora+phased"))
