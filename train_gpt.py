@@ -2262,9 +2262,9 @@ def lora_ttt(model: nn.Module, tokens: Tensor, tb: Tensor, seq_len: int, hp: Hyp
     each starts from the same adapters, the score does not depend on the batching or the number of ranks.
     lora+phased: the first TTT_PHASE_DOCS documents are scored in TTT_PHASES segments, and after each one all
     ranks train the model itself by SGD on every target scored so far (all documents before the boundary: a
-    prefix of the stream), then go on. With COMPILE on, the LoRA pass is compiled once for every batch and window size and
-    warmed up on dummy tokens before the scored pass, the clock paused (as the records' warm-up, before their
-    timer): lora_batch resets the adapters, so the warm-up leaves nothing behind."""
+    prefix of the stream), then go on. With COMPILE on, the LoRA pass is compiled once for every batch and
+    window size and warmed up on dummy tokens before the scored pass, the clock paused (as the records'
+    warm-up, before their timer): lora_batch resets the adapters, so the warm-up leaves nothing behind."""
     raw, docs = getattr(model, "_orig_mod", model), documents(tokens)   # the module: hooks on its blocks
     n = min(hp.ttt_phase_docs, len(docs)) if hp.ttt == "lora+phased" else 0
     phases = sorted({n * k // hp.ttt_phases for k in range(1, hp.ttt_phases + 1)} - {0, len(docs)})
