@@ -22,8 +22,8 @@ line in the JSON (`status`, `error`) with its figures so far, and the next phase
   does) with its packing loader's document starts dropped, so its varlen windows are the 2048-token windows
   SDPA computes exactly. Its first step at each loop count carries its compile: that step less the median.
 - ttt: one LoRA TTT batch (TTT=lora) of 64 documents x 2,048 tokens: peak memory and seconds a chunk (the
-  second call, warm), the first call's extra seconds (its compile), and the graphs compiled over three batch
-  sizes (64, 23 and 7 documents).
+  second call's scored pass), the first call's warm-up (lora_ttt's compile, off its clock), and the graphs
+  compiled over three batch sizes (64, 23 and 7 documents), each call's own.
 - export: GPTQ calibration seconds at the record's size (16 micro-batches of 98,304 tokens on one rank) and the
   whole export's seconds (Hessians, quantization, LQER, the fit's passes, brotli packing).
 - eval: the compiled eval forward's compile seconds and its warm tokens a second at the profile's windows.
@@ -558,20 +558,22 @@ def phase_ttt(args: argparse.Namespace, out: Fragment) -> None:
         stream = synthetic_documents(tg, train, docs, length)
         tb = torch.ones(stream.numel() - 1, dtype=torch.int64, device=device)   # bytes do not change the cost
         reset_peak(device)
+        graphs, clock = counters["stats"]["unique_graphs"], tg.Clock()   # lora_ttt pauses it for its warm-up
         synchronize(device)
         t = time.perf_counter()
-        tg.lora_ttt(model, stream, tb, hp.eval_seq_len, hp, dinfo, device)
-        synchronize(device)
-        calls.append({"docs": docs, "doc_tokens": length, "seconds": round(time.perf_counter() - t, 3),
-                      **peak_memory(device)})
+        with clock.running():
+            tg.lora_ttt(model, stream, tb, hp.eval_seq_len, hp, dinfo, device, log, clock)
+            synchronize(device)
+        wall = time.perf_counter() - t
+        calls.append({"docs": docs, "doc_tokens": length, "seconds": round(wall, 3),
+                      "scored_seconds": round(clock.seconds, 3), "warmup_seconds": round(wall - clock.seconds, 3),
+                      "graphs": counters["stats"]["unique_graphs"] - graphs, **peak_memory(device)})
         figures = {"calls": calls, "graphs_compiled": counters["stats"]["unique_graphs"] - graphs0}
-        if i == 0:
-            figures.update(peak_memory(device))
+        if i == 0:   # the first warm-up compiles; the later ones find the graphs compiled
+            figures.update(peak_memory(device), compile_seconds=calls[0]["warmup_seconds"])
         if i == 1:
-            chunks = out.data["chunks"]
-            figures.update(seconds_per_chunk=round(calls[1]["seconds"] / chunks, 4),
-                           batch_seconds=calls[1]["seconds"],
-                           compile_seconds=round(calls[0]["seconds"] - calls[1]["seconds"], 2))
+            figures.update(seconds_per_chunk=round(calls[1]["scored_seconds"] / out.data["chunks"], 4),
+                           batch_seconds=calls[1]["scored_seconds"])
         out.put(**figures)
 
 
