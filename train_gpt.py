@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 try:  # FlashAttention 3 on Hopper, optional: PyTorch SDPA computes the same maths (the log says which ran)
     from flash_attn_interface import flash_attn_func as fa3_attention
@@ -603,8 +604,9 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 DATA_FIX = "fetch FineWeb: bash setup_pod.sh, or build a local corpus: python data/prepare_local.py --force"
 BOS_ID = 1
 
-def shard_num_tokens(path: str | Path) -> int:
-    """Validate a shard's header and size without reading its tokens."""
+def shard_tokens(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
+    """A shard's tokens, memory-mapped (uint16), with every id checked against the vocabulary; first its
+    header and size, without reading its tokens."""
     path = Path(path)
     size = path.stat().st_size
     header = np.fromfile(path, "<i4", SHARD_HEADER_INTS) if size >= 4 * SHARD_HEADER_INTS else None
@@ -615,15 +617,10 @@ def shard_num_tokens(path: str | Path) -> int:
                      (n >= 0 and size == SHARD_HEADER_INTS * 4 + 2 * n,
                       f"size {size} != header + 2*{n} tokens, truncated or corrupt")):
         require(ok, str(path), f"{what} — {DATA_FIX}", DataError)
-    return n
-
-def shard_tokens(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
-    """A shard's tokens, memory-mapped (uint16), with every id checked against the vocabulary."""
-    n = shard_num_tokens(path)
     tokens = np.memmap(path, "<u2", "r", SHARD_HEADER_INTS * 4, (n,)) if n else np.zeros(0, "<u2")
     top = int(tokens.max()) if n and vocab_size else -1
-    require(top < (vocab_size or 1), str(path), f"token id {top} >= VOCAB_SIZE={vocab_size} — the shards "
-            "were made with another tokenizer; set VOCAB_SIZE/TOKENIZER_PATH to match them", DataError)
+    require(top < (vocab_size or 1), str(path), f"token id {top} >= VOCAB_SIZE={vocab_size} — set "
+            "VOCAB_SIZE/TOKENIZER_PATH to the shards' tokenizer", DataError)
     return tokens
 
 def load_data_shard(path: str | Path, vocab_size: int | None = None) -> Tensor:
@@ -741,7 +738,12 @@ def check_tokenizer_fits_shards(sp, val_tokens: Tensor, hp: Hyperparameters) -> 
 # so "loops" is data: a crawler block is one module called once per loop; its gradient sums over the loops.
 
 def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    """In the input's dtype on every device: CUDA's autocast would run F.rms_norm in fp32, keeping an fp32
+    copy of each normed input for the backward, its fp32 output, and a bf16 cast of that for each of q, k and
+    v (CPU's autocast keeps bf16). CUDA's kernel computes in fp32 and saves its input and an fp32 scale a
+    row."""
+    with torch.autocast("cuda", enabled=False):
+        return F.rms_norm(x, (x.size(-1),))
 
 class CastedLinear(nn.Linear):
     """Weights stay fp32 for the optimizer; the matmul runs in the activation dtype. Late QAT puts the
@@ -942,12 +944,6 @@ class SmearGate(nn.Module):
         g = self.gate(h) if self.gate_w is None else F.linear(h, self.gate_w.to(x.dtype))
         return x + self.lam.to(x.dtype) * torch.sigmoid(g) * prev
 
-def orthonormal_rows(n: int, dim: int, seed: int) -> Tensor:
-    """n orthonormal vectors of length dim from the QR of a seeded Gaussian matrix."""
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, max(n, 1), generator=gen))
-    return q[:, :n].T.contiguous()
-
 @dataclass(frozen=True)
 class Firing:
     """One block call of the forward pass, in order. loop < 0: a flat block."""
@@ -980,6 +976,8 @@ def build_schedule(hp: Hyperparameters, loops: int) -> tuple[Firing, ...]:
                           0 <= hp.parallel_start <= unique))
     return tuple(out)
 
+LOSS_CHUNK = 256   # positions of the loss at a time: 48 x 256 x 8192 fp32 logits are 0.4 GB a copy
+
 class CrawlerGPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
@@ -1003,8 +1001,10 @@ class CrawlerGPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(n_skip, dim))
         self.skip_gates = nn.Parameter(torch.zeros(n_skip, dim)) if hp.skip_gates else None
         self.rotary = Rotary(dim // hp.num_heads, hp.rope_dims, hp.rope_base)
-        # one QR-orthogonal vector a loop, added to the crawler's input as the loop starts
-        embeds = orthonormal_rows(hp.crawler_loops, dim, hp.seed) * hp.loop_embed_scale
+        # one orthonormal vector a loop (the QR of a seeded Gaussian matrix), added to the crawler's input as
+        # the loop starts
+        gauss = torch.randn(dim, hp.crawler_loops, generator=torch.Generator().manual_seed(hp.seed))
+        embeds = torch.linalg.qr(gauss)[0].T.contiguous() * hp.loop_embed_scale
         self.loop_embed = nn.Parameter(embeds) if hp.num_crawler_layers and hp.loop_embed_scale else None
         self.blocks = [*self.flat, *self.crawler]   # a plain list: the ModuleLists above own the modules
         mats = [m.weight for m in self.modules() if isinstance(m, CastedLinear) and min(m.weight.shape) >= 64]
@@ -1057,18 +1057,31 @@ class CrawlerGPT(nn.Module):
         return rms_norm(x if lane is None else (x + lane) / 2)
 
     def logits(self, ids: Tensor, loops: int | None = None, head: Callable | None = None) -> Tensor:
-        """head: a LoRA of the tied head (TTT=lora), added to the logits."""
-        h = self.hidden(ids, loops)
+        """Soft-capped fp32 logits; ids: token ids, or hidden states (the loss's chunks); head: a LoRA of the
+        tied head (TTT=lora), added."""
+        h = ids if ids.is_floating_point() else self.hidden(ids, loops)
         logits = F.linear(h, self.tok_emb.weight).float()
         logits = logits + head(h).float() if head else logits
         cap = self.hp.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
+    def nll(self, logits: Tensor, targets: Tensor) -> Tensor:
+        nll = F.cross_entropy(logits.flatten(0, -2), targets.reshape(-1), reduction="none")
+        return nll.view(targets.shape)
+
     def forward(self, ids: Tensor, targets: Tensor, per_token: bool = False, loops: int = None,
                 head: Callable | None = None) -> Tensor:
-        """Mean loss (per-token NLL with per_token): one entry point for training and eval, compiled too."""
-        logits = self.logits(ids, loops, head)
-        nll = F.cross_entropy(logits.flatten(0, -2), targets.reshape(-1), reduction="none").view_as(targets)
+        """Mean loss (per-token NLL with per_token): one entry point for training and eval, compiled too.
+        Without a LoRA head the loss goes LOSS_CHUNK positions at a time, each chunk's logits rebuilt in the
+        backward (checkpointed): the micro-batch's fp32 logits (3.2 GB a copy at the pod's) never exist at
+        once. With one (TTT=lora: its calls counted, its batch small) it takes one pass, through logits()."""
+        if head:
+            nll = self.nll(self.logits(ids, loops, head), targets)
+        else:
+            h = self.hidden(ids, loops)
+            nll = torch.cat([checkpoint(lambda h, y: self.nll(self.logits(h), y), h[:, t:t + LOSS_CHUNK],
+                                        targets[:, t:t + LOSS_CHUNK], use_reentrant=False)
+                             for t in range(0, h.size(1), LOSS_CHUNK)], 1)
         return nll if per_token else nll.mean()
 
     def setup_qat(self, hp: Hyperparameters) -> None:
@@ -1268,7 +1281,7 @@ class Trainer:
         if not math.isfinite(loss):
             saved = str(self.last_good) if self.last_good else "none"
             raise Diverged(f"train loss: {loss} at step {self.step + 1}; last good checkpoint: {saved}; "
-                           "nothing was exported — lower the learning rates or GRAD_CLIP_NORM")
+                           "nothing exported — lower the LRs or GRAD_CLIP_NORM")
         return loss
 
     def loops_for(self, step: int) -> int:
@@ -1412,8 +1425,8 @@ class Trainer:
 
     def resume(self) -> None:
         path = self.checkpoint_path
-        require(path.exists(), "RESUME", f"no checkpoint {path} for RUN_ID={self.hp.run_id} — was "
-                "CHECKPOINT_EVERY set for that run? Drop RESUME to start afresh", DataError)
+        require(path.exists(), "RESUME", f"no checkpoint {path} for RUN_ID={self.hp.run_id} — drop "
+                "RESUME to start afresh", DataError)
         self.restore(torch.load(path, map_location=self.device, weights_only=True))
         self.last_good = path
         self.log.kv(resumed_from=str(path), step=self.step, train_seconds=f"{self.clock.seconds:.1f}")
@@ -2507,8 +2520,8 @@ def export(trainer: Trainer, hp: Hyperparameters, data: RunData, run_id: str) ->
             f"{math.ceil(total - hp.train_time_cap)}")
     artifact = Path(hp.artifact_dir) / f"{run_id}.ptz"
     if dinfo.master:
-        write_atomic(artifact, final.blob, "free space there, then export again from the final checkpoint "
-                     f"(with CHECKPOINT_EVERY set): RUN_ID={run_id} RESUME=1 with the same knobs")
+        write_atomic(artifact, final.blob, f"free space, then export from a checkpoint: RUN_ID={run_id} "
+                     "RESUME=1")
     if dinfo.distributed:
         dist.barrier()
     sizes = {"bytes_code": len(packed_code()), "bytes_model": final.size}   # the blob rank 0 wrote

@@ -6,8 +6,10 @@ train_gpt.py may be set alongside it: `DRY_RUN=1 MODEL_DIM=512 bash run.sh`).
 It prints unique parameters, effective depth, the SDClip k the cap implies and the artifact bytes it predicts
 (SDClip's fit on Gaussian rows, scaled to trained rows by one real artifact, the packed script counted), the
 relative quantization MSE, training FLOPs per token (torch's flop counter on the meta device, causal attention
-added by hand), projected ms/step and steps in the budget on N H100s, activation memory per GPU, the
-sliding-eval, TTT and export seconds (a warning when the evaluation would exceed its 600 s).
+added by hand), projected ms/step and steps in the budget on N H100s, the sliding-eval, TTT and export seconds
+(a warning when the evaluation would exceed its 600 s), and each GPU's peak memory in training and in the LoRA
+TTT pass (memory_census: the saved-for-backward census at CUDA's autocast dtypes, plus weights, optimizer
+state and a loss chunk; an `error:` line past 72 GiB, 90% of the card).
 
 A step costs FLOPs / (GPUs * peak * POD_MFU) + POD_STEP_OVERHEAD_S (optimizer, collectives, launches, and the
 memory-bound work the FLOPs miss). The two constants are the least-squares fit (relative error) to six measured
@@ -36,6 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -93,18 +98,21 @@ def counted_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
 
 
 def flops_per_token(hp: tg.Hyperparameters, seq_len: int, train: bool = True, loops: int | None = None) -> float:
-    """Training (forward + backward) or forward FLOPs per token; FlashAttention's backward at 2.5x its forward."""
-    model, real = meta_model(hp), tg.causal_attention
+    """Training (forward + backward) or forward FLOPs per token; FlashAttention's backward at 2.5x its forward.
+    The model's FLOPs: the loss chunks' checkpointed recompute is left out (the anchors' codes do none; it is
+    recompute_flops_per_token, which step_seconds adds for ours)."""
+    model, real, real_checkpoint = meta_model(hp), tg.causal_attention, tg.checkpoint
     ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False)
     tg.causal_attention = counted_attention
+    tg.checkpoint = lambda fn, *args, **_: fn(*args)
     try:
         with counter:
             loss = model(ids, ids, loops=loops)
             if train:
                 loss.backward()
     finally:
-        tg.causal_attention = real
+        tg.causal_attention, tg.checkpoint = real, real_checkpoint
     depth = hp.effective_depth - hp.num_crawler_layers * (hp.crawler_loops - (loops or hp.crawler_loops))
     return counter.get_total_flops() / seq_len + depth * 2 * seq_len * hp.model_dim * (3.5 if train else 1.0)
 
@@ -126,9 +134,15 @@ def budget_steps(hp: tg.Hyperparameters, tflops: float) -> int:
     return max(1, int(tflops * 1e12 / (sum(share * f for share, f in stages) * hp.train_batch_tokens)))
 
 
-def step_seconds(hp: tg.Hyperparameters, gpus: int = 8, loops: int | None = None) -> float:
-    """One step on the pod at `loops` crawler loops (default: all of them)."""
-    flops = flops_per_token(hp, hp.train_seq_len, loops=loops)
+def recompute_flops_per_token(hp: tg.Hyperparameters) -> float:
+    """train_gpt's loss rebuilds each chunk's logits in the backward: one more head matmul a token."""
+    return 2.0 * hp.vocab_size * hp.model_dim
+
+
+def step_seconds(hp: tg.Hyperparameters, gpus: int = 8, loops: int | None = None, ours: bool = True) -> float:
+    """One step on the pod at `loops` crawler loops (default: all of them); ours: with train_gpt's loss
+    recompute (an anchor of another code: without)."""
+    flops = flops_per_token(hp, hp.train_seq_len, loops=loops) + ours * recompute_flops_per_token(hp)
     return flops * hp.train_batch_tokens / (gpus * H100_BF16_FLOPS * POD_MFU) + POD_STEP_OVERHEAD_S
 
 
@@ -142,23 +156,143 @@ def mean_step_seconds(hp: tg.Hyperparameters, gpus: int = 8) -> float:
     return sum(share * s for share, s in stages)
 
 
-def activation_bytes_per_token(hp: tg.Hyperparameters) -> float:
-    """Bytes the backward keeps per training token (weights and attention scores excluded: FlashAttention
-    keeps none), counted on the meta device in fp32; bf16 autocast stores most of them at half."""
-    model, real = meta_model(hp), tg.causal_attention
-    params, saved = {id(p) for p in model.parameters()}, [0]
+# What CUDA's bf16 autocast does to the ops this model calls, emulated on any device (autocast itself acts
+# only on CUDA tensors), wherever CUDA's autocast is on (train_gpt.rms_norm turns it off around F.rms_norm):
+# torch's lower-precision list for CUDA (matmuls, linear, SDPA: inputs cast to bf16) and its fp32 list (norms,
+# softmax and log_softmax, the losses, exp/log/pow/rsqrt: inputs cast to fp32), the ops this model reaches.
+# CPU's autocast differs: it keeps F.rms_norm, softmax and log_softmax in bf16 (train_gpt.py runs the CPU
+# without autocast, in fp32). Everything else runs in its inputs' dtype.
+CUDA_BF16_OPS = {F.linear, torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, torch.bmm, torch.addmm,
+                 torch.baddbmm, F.scaled_dot_product_attention}
+CUDA_FP32_OPS = {F.rms_norm, F.layer_norm, F.softmax, F.log_softmax, Tensor.softmax, Tensor.log_softmax,
+                 F.cross_entropy, F.nll_loss, F.normalize, torch.norm, Tensor.norm, torch.linalg.vector_norm,
+                 torch.rsqrt, Tensor.rsqrt, torch.exp, Tensor.exp, torch.log, Tensor.log, torch.pow, Tensor.pow,
+                 torch.logsumexp, Tensor.logsumexp}
+CARD_GIB, OVER_GIB = 80.0, 72.0   # an H100's memory; DRY_RUN's error line past 90% of it
+TTT_LORA_SEQ = 2048               # a LoRA batch's longest window (EVAL_SEQ_LEN at the records' settings)
 
-    def keep(t: Tensor) -> Tensor:
-        saved[0] += 0 if id(t) in params else t.numel() * t.element_size()
+
+class FusedRMSNormStandIn(torch.autograd.Function):
+    """F.rms_norm as CUDA runs it (torch's fused kernel): computed in fp32, output in its input's dtype,
+    saving its input and an fp32 rstd a row. (The CPU's decomposition saves two fp32 copies of the input.)"""
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x, x.new_empty((*x.shape[:-1], 1), dtype=torch.float32))
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
+
+
+class CudaAutocast(TorchFunctionMode):
+    """CUDA's bf16 autocast cast lists (above), applied where autograd sees them (a cast copy is what it saves)
+    while CUDA's autocast flag is on (set here for the census; torch.autocast("cuda", enabled=False) clears it),
+    and F.rms_norm as CUDA's kernel saves. Shapes only: for meta tensors."""
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        on = torch.is_autocast_enabled("cuda")
+        to = torch.bfloat16 if func in CUDA_BF16_OPS else torch.float32 if func in CUDA_FP32_OPS else None
+
+        def cast(t):
+            return t.to(to) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.bfloat16) else t
+        if on and to is not None:
+            args, kwargs = tree_map(cast, (args, kwargs or {}))
+        if func is F.rms_norm:
+            return FusedRMSNormStandIn.apply(args[0])
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self.was = torch.is_autocast_enabled("cuda")
+        torch.set_autocast_enabled("cuda", True)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.set_autocast_enabled("cuda", self.was)
+        return super().__exit__(*exc)
+
+
+class FlashStandIn(torch.autograd.Function):
+    """FlashAttention's saved tensors without its maths: q, k, v, the output and an fp32 log-sum-exp a head
+    and position (FA3's backward input); no T x T scores."""
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:3], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g, None, None
+
+
+def saved_census(model: tg.CrawlerGPT, ids: Tensor, head=None) -> int:
+    """Bytes the backward keeps after one forward pass of `model` (on the meta device: shapes only) on `ids`,
+    at CUDA's autocast dtypes: every tensor saved for backward, counted once a storage (a tensor saved twice,
+    or views of one storage, count once), less the weights (parameters and, with `head`, the LoRA's leaves,
+    counted with the weights); a checkpoint's inputs count (it keeps them), its insides not (rebuilt in the
+    backward). The residual stream enters in bf16, as embed() casts it under autocast."""
+    leaves = {p.untyped_storage()._cdata for p in model.parameters()}
+    leaves |= {t.untyped_storage()._cdata for a in (head or []) for t in (*a.A, *a.B)}
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in leaves:
+            kept[key] = t.untyped_storage().nbytes()
         return t
-    ids = torch.zeros(1, hp.train_seq_len, dtype=torch.long, device="meta")
-    tg.causal_attention = counted_attention
+
+    def checkpoint(fn, *args, **kwargs):
+        for t in args:
+            if isinstance(t, Tensor) and t.requires_grad:
+                pack(t)
+        return real_checkpoint(fn, *args, **kwargs)
+    real_attention, real_checkpoint, embed = tg.causal_attention, tg.checkpoint, model.embed
+    tg.causal_attention, tg.checkpoint = lambda q, k, v, backend: FlashStandIn.apply(q, k, v), checkpoint
+    model.embed = lambda x: embed(x).bfloat16()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            model(ids, ids)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), CudaAutocast():
+            model(ids, ids, per_token=head is not None, head=head[0] if head else None)
     finally:
-        tg.causal_attention = real
-    return saved[0] / hp.train_seq_len
+        tg.causal_attention, tg.checkpoint = real_attention, real_checkpoint
+        del model.embed
+    return sum(kept.values())
+
+
+def memory_census(hp: tg.Hyperparameters) -> dict:
+    """GiB a GPU holds at its peak, training and TTT=lora. Training: the saved tensors of one micro-batch
+    (TRAIN_BATCH_TOKENS / ACCUM_SPLITS tokens), fp32 weights and their grads, the EMA, Muon's momentum and
+    Adam's two moments, and one loss chunk's transient fp32 logits in its backward (the logits, their tanh,
+    log_softmax's output and its gradient: 4 copies). TTT: the LoRA pass at TTT_LORA_DOCS documents of
+    TTT_LORA_SEQ tokens, its weights frozen (fp32, no grads), the adapters (fp32) and their AdamW state (x3);
+    its head's logits are in the saved tensors. Not counted: NCCL/DDP buckets, the allocator's fragmentation,
+    torch.compile's own choices (eager is the upper bound: inductor saves fewer, recomputing cheap ops)."""
+    with torch.device("meta"):
+        model = tg.CrawlerGPT(hp)
+    n_params = sum(p.numel() for p in model.parameters())
+    groups = tg.route_params(model)
+    opt_bytes = 4 * sum(p.numel() for _, p in groups["muon"]) + \
+        8 * sum(p.numel() for g in ("embed", "scalar") for _, p in groups[g])
+    weights = 4 * n_params * (2 + bool(hp.ema_decay)) + opt_bytes
+    micro = hp.train_batch_tokens // hp.accum_splits
+    ids = torch.zeros(micro // hp.train_seq_len, hp.train_seq_len, dtype=torch.long, device="meta")
+    train_saved = saved_census(model, ids)
+    chunk = 4 * 4 * ids.size(0) * min(tg.LOSS_CHUNK, hp.train_seq_len) * hp.vocab_size
+    model.requires_grad_(False)
+    adapters, hooks = tg.attach_lora(model, hp.ttt_lora_docs, hp, torch.device("meta"))
+    for a in adapters:
+        a.reset()
+    try:
+        ttt_ids = torch.zeros(hp.ttt_lora_docs, TTT_LORA_SEQ, dtype=torch.long, device="meta")
+        ttt_saved = saved_census(model, ttt_ids, adapters)
+    finally:
+        for h in hooks:
+            h.remove()
+    lora = 4 * 4 * sum(t.numel() for a in adapters for t in (*a.A, *a.B))
+    gib = 2**30
+    return {"train_saved_kb_per_token": train_saved / micro / 1e3, "train_saved_gib": train_saved / gib,
+            "train_peak_gib": (train_saved + weights + chunk) / gib,
+            "ttt_saved_kb_per_token": ttt_saved / ttt_ids.numel() / 1e3, "ttt_saved_gib": ttt_saved / gib,
+            "ttt_peak_gib": (ttt_saved + 4 * n_params + lora) / gib}
 
 
 EVAL_BUDGET_S = 600.0
@@ -272,7 +406,8 @@ def lora_seconds(hp: tg.Hyperparameters, work: float) -> float:
 def pod_cost(hp: tg.Hyperparameters, gpus: int = 8, variant: str = "") -> dict:
     """ms/step, steps in the budget, activation memory per GPU, eval seconds: the plain and sliding passes,
     and with TTT its scored pass (sgd: its scoring plus TTT_EPOCHS of training over the val tokens; lora: the
-    work model's critical path plus the phases), its compile warm-up beside it (off the clock)."""
+    work model's critical path plus the phases), its compile warm-up beside it (off the clock). Memory:
+    memory_census."""
     train_flops = flops_per_token(hp, hp.train_seq_len)
     step_s = mean_step_seconds(hp, gpus)
     val_tokens = val_token_count(hp, variant)
@@ -280,8 +415,7 @@ def pod_cost(hp: tg.Hyperparameters, gpus: int = 8, variant: str = "") -> dict:
     eval_flops = flops_per_token(hp, hp.eval_seq_len, train=False) * hp.eval_seq_len * windows
     out = {"flops_per_token": train_flops, "pod_ms_per_step": 1000 * step_s,
            "pod_steps": int(hp.train_time_cap / step_s) if hp.train_time_cap else hp.iterations,
-           "activation_gib_per_gpu": activation_bytes_per_token(hp) / 2 * hp.train_batch_tokens
-           / hp.accum_splits / 2**30, "pod_eval_seconds": eval_flops / (gpus * H100_BF16_FLOPS * EVAL_MFU),
+           "pod_eval_seconds": eval_flops / (gpus * H100_BF16_FLOPS * EVAL_MFU),
            "pod_ttt_seconds": 0.0}
     if hp.ttt == "sgd":
         out["pod_ttt_seconds"] = ttt_seconds(hp, val_tokens, eval_flops, gpus)
@@ -357,7 +491,12 @@ def dry_run(hp: tg.Hyperparameters, gpus: int = 8, log=print, variant: str = "")
     out = {"unique_params": tg.count_unique_params(model), "effective_depth": hp.effective_depth, "quant_k": k,
            "relative_mse": mse, "bytes_model_estimate": model_bytes, "bytes_code": code,
            "bytes_code_source": len(tg.source_bytes()), "bytes_total_estimate": model_bytes + code,
-           **pod_cost(hp, gpus, variant), "export_seconds_estimate": curve_s + 2 * pack_s}
+           **pod_cost(hp, gpus, variant), **memory_census(hp), "export_seconds_estimate": curve_s + 2 * pack_s}
+    for what in ("train", "ttt"):
+        if out[f"{what}_peak_gib"] > OVER_GIB:
+            log(f"error: {what} is projected at {out[f'{what}_peak_gib']:.1f} GiB a GPU, over {OVER_GIB:.0f} of "
+                f"the card's {CARD_GIB:.0f} (memory_census) — a smaller micro-batch (ACCUM_SPLITS, TTT_LORA_DOCS) "
+                "or model")
     out["fits"] = out["bytes_total_estimate"] <= hp.size_limit
     plain = hp.eval_stride / hp.eval_seq_len if hp.eval_stride < hp.eval_seq_len else 0.0   # its share of windows
     eval_s = out["pod_eval_seconds"] * (1 + plain) + out["pod_ttt_seconds"]
@@ -406,9 +545,9 @@ def pod_check_report(path: Path, log=print) -> list[dict]:
     for loops in (1, hp.crawler_loops):   # one GPU runs the pod's 8 micro-batches of a step in turn
         rows.append(("train ms/step, %d loop%s (1 GPU, 8 micro-batches)" % (loops, "s" * (loops > 1)),
                      1000 * step_seconds(hp, gpus=1, loops=loops), got("train_ours", f"ms_per_step_loops{loops}")))
-    weights = tg.count_unique_params(meta_model(hp)) * 4 * 3 / 2**30   # fp32 weights, grads, one moment
-    rows.append(("train peak GiB (activations + fp32 weights, grads, momenta)",
-                 pod_cost(hp, gpus=1)["activation_gib_per_gpu"] + weights, got("train_ours", "peak_allocated_gib")))
+    census = memory_census(hp)   # at the per-GPU micro-batch, as the check runs it
+    rows.append(("train peak GiB (memory_census)", census["train_peak_gib"], got("train_ours", "peak_allocated_gib")))
+    rows.append(("TTT peak GiB, 64 x 2048 (memory_census)", census["ttt_peak_gib"], got("ttt", "peak_allocated_gib")))
     tokens = 64 * 2048
     rows.append(("TTT batch seconds (64 x 2048)",
                  LORA_TTT_RATE * tokens * flops_per_token(hp, hp.eval_seq_len) / H100_BF16_FLOPS,

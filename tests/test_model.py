@@ -297,3 +297,65 @@ def test_sliding_eval_with_stride_equal_seq_len_is_plain_eval():
     assert bpb == pytest.approx(plain / math.log(2) / 2, rel=1e-6)
     loss_sliding, _ = tg.evaluate(model, tokens, luts, 16, 4, 64, tg.DistInfo(), torch.device("cpu"))
     assert loss_sliding != pytest.approx(loss, rel=1e-9)   # more context, a different number
+
+
+# ---------------------------------------------------------------------------- memory: the norm and the loss
+def saved_for_backward(fn, *args):
+    """(output, [(shape, dtype)] of every tensor autograd saves while fn runs)."""
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(*args), saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_keeps_the_inputs_dtype_under_cudas_autocast(dtype):
+    """The norm's output in the compute dtype on every device: CUDA's autocast would run F.rms_norm in fp32
+    (its fp32 list), keeping an fp32 copy of each normed input and handing fp32 to q, k and v (a bf16 cast for
+    each). Under the cost model's emulation of CUDA's autocast (experiments/cost_model.py), what the backward
+    keeps is the input itself and CUDA's fp32 rstd a row; on the CPU, F.rms_norm's values exactly."""
+    from experiments import cost_model as cm
+    x = (torch.randn(6, 5, 64, generator=torch.Generator().manual_seed(0)) * 3).to(dtype).requires_grad_()
+    assert torch.equal(tg.rms_norm(x), torch.nn.functional.rms_norm(x, (64,)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tg.rms_norm(x).dtype == dtype
+    with cm.CudaAutocast():
+        out, saved = saved_for_backward(tg.rms_norm, x)
+        assert torch.is_autocast_enabled("cuda")
+    assert not torch.is_autocast_enabled("cuda")
+    assert out.dtype == dtype and saved == [((6, 5, 64), dtype), ((6, 5, 1), torch.float32)]
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 256])
+def test_chunked_loss_is_the_full_softcapped_cross_entropy(monkeypatch, chunk):
+    """forward() takes the loss LOSS_CHUNK positions at a time (the last chunk shorter), each chunk's logits
+    rebuilt in the backward: per-token NLL and mean loss exactly the unchunked soft-capped cross-entropy, every
+    gradient within fp32 rounding, and no [tokens x vocab] logits kept for the backward."""
+    monkeypatch.setattr(tg, "LOSS_CHUNK", chunk, raising=False)   # (old code: no chunks)
+    model, x = make_model(MLP_MULT=3, CRAWLER_MLP_MULT=3), ids(batch=3, seq=16)   # no hidden width = VOCAB
+    y = torch.roll(x, -1, dims=1)
+    reference = copy.deepcopy(model)
+    logits = reference.logits(x)
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.reshape(-1), reduction="none").view_as(y)
+    assert torch.equal(model(x, y, per_token=True), full)
+    loss, saved = saved_for_backward(model, x, y)
+    assert torch.equal(loss, full.mean())
+    assert not [s for s, _ in saved if s and s[-1] == VOCAB], "logits kept for the backward"
+    loss.backward()
+    full.mean().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_lora_head_loss_takes_one_pass_and_its_head():
+    """With a LoRA head (TTT=lora) forward adds it to the logits before the cap, in one pass."""
+    model, x = make_model(), ids()
+    bias = torch.randn(VOCAB, generator=torch.Generator().manual_seed(3))
+    nll = model(x, x, per_token=True, head=lambda h: h[..., :1] * 0 + bias)
+    raw = torch.nn.functional.linear(model.hidden(x), model.tok_emb.weight) + bias
+    capped = 30 * torch.tanh(raw / 30)
+    torch.testing.assert_close(nll, torch.nn.functional.cross_entropy(capped.flatten(0, 1), x.reshape(-1),
+                                                                      reduction="none").view_as(x))
