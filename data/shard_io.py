@@ -6,7 +6,7 @@ followed by that many little-endian uint16 token ids. A valid file is exactly
 1024 + 2 * num_tokens bytes long.
 
 The format's constants, the reader (`load_data_shard`), its header check
-(`shard_num_tokens`) and `write_atomic` live in train_gpt.py, which must stay
+(`shard_tokens`) and `write_atomic` live in train_gpt.py, which must stay
 self-contained (it is the submission); this module imports them and only adds
 the writer side.
 """
@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # train_gpt.py sits at the repo root
     sys.path.insert(0, str(REPO_ROOT))
 
-from train_gpt import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, shard_num_tokens, write_atomic  # noqa: E402
+from train_gpt import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, shard_tokens, write_atomic  # noqa: E402
 
 MAX_TOKEN_ID = 65535  # tokens are stored as uint16
 DEFAULT_TOKENS_PER_SHARD = 100_000_000
@@ -141,9 +141,10 @@ def write_shards(
 
 def shard_size_ok(path) -> bool:
     """True when `path` has a valid header and exactly the size it declares:
-    the trainer's own check (train_gpt.shard_num_tokens, reads 1 KiB), as a bool."""
+    the trainer's own check (train_gpt.shard_tokens without a vocabulary: it reads the 1 KiB header and maps
+    the tokens without reading them), as a bool."""
     try:
-        shard_num_tokens(path)
+        shard_tokens(path)
     except (OSError, ValueError):
         return False
     return True
