@@ -548,9 +548,8 @@ def pod_check_report(path: Path, log=print) -> list[dict]:
     census = memory_census(hp)   # at the per-GPU micro-batch, as the check runs it
     rows.append(("train peak GiB (memory_census)", census["train_peak_gib"], got("train_ours", "peak_allocated_gib")))
     rows.append(("TTT peak GiB, 64 x 2048 (memory_census)", census["ttt_peak_gib"], got("ttt", "peak_allocated_gib")))
-    tokens = 64 * 2048
-    rows.append(("TTT batch seconds (64 x 2048)",
-                 LORA_TTT_RATE * tokens * flops_per_token(hp, hp.eval_seq_len) / H100_BF16_FLOPS,
+    rows.append(("TTT batch seconds (64 x 2048)", lora_seconds(hp, work_ours([2048] * 64, hp.ttt_lora_chunk,
+                                                                         hp.eval_seq_len)),
                  got("ttt", "batch_seconds")))
     rows.append(("eval tokens/s", H100_BF16_FLOPS * EVAL_MFU / flops_per_token(hp, hp.eval_seq_len, train=False),
                  got("eval", "tokens_per_second")))
