@@ -237,7 +237,6 @@ def local_data(cpu: bool) -> dict[str, str]:
     """Our knobs' paths to the data sample: on the GPU the carried CaseOps sp8192 sample (the pod default's
     tokenizer), on the CPU the shipped demo corpus at sp1024 (the record's CPU port runs without CaseOps)."""
     if cpu:
-        sys.path.insert(0, str(ROOT))
         subprocess.run([sys.executable, str(ROOT / "data" / "prepare_local.py")], check=True,
                        stdout=subprocess.DEVNULL)
         return {"DATA_PATH": str(ROOT / "data" / "datasets" / "local_sp1024"),
@@ -532,8 +531,7 @@ def synthetic_documents(tg, tokens, docs: int, doc_tokens: int):
 
     body = tokens[: docs * (doc_tokens - 1)].reshape(docs, doc_tokens - 1).to(torch.int64)
     bos = torch.full((docs, 1), tg.BOS_ID, dtype=torch.int64)
-    stream = torch.cat([torch.cat([bos, body], 1).reshape(-1), torch.tensor([tg.BOS_ID])])
-    return stream
+    return torch.cat([torch.cat([bos, body], 1).reshape(-1), torch.tensor([tg.BOS_ID])])
 
 
 def phase_ttt(args: argparse.Namespace, out: Fragment) -> None:
